@@ -1,0 +1,195 @@
+"""Sidecar configuration, read from the environment once at start-up.
+
+Every variable is validated here; a bad value stops the server with a message naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ENGINES = ("auto", "piper", "chatterbox")
+T3_BACKENDS = ("auto", "vllm", "torch")
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(ValueError):
+    """A configuration variable with a bad value."""
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    """Everything the sidecar reads from its environment.
+
+    Parameters:
+        host: Interface to listen on (``TTS_HOST``).
+        port: TCP port (``TTS_PORT``).
+        max_connections: Open websocket connections before upgrades get 503
+            (``TTS_MAX_CONNECTIONS``).
+        engine: ``auto``, ``piper`` or ``chatterbox`` (``TTS_ENGINE``).
+        voices_dir: Registered voices (``TTS_VOICES_DIR``).
+        log_dir: Log folder for ``tts.log`` (``TTS_LOG_DIR``).
+        log_level: Loguru level (``TTS_LOG_LEVEL``).
+        api_key: Bearer key required on every route but ``/health`` (``TTS_API_KEY``).
+        chunk_size: Speech tokens per streamed S3Gen chunk (``TTS_CHUNK_SIZE``).
+        context_window: Left-context tokens per S3Gen chunk (``TTS_CONTEXT_WINDOW``).
+        streaming: Default for requests that do not say ``streaming`` (``TTS_STREAMING``).
+        max_text_chars: Characters per context (``TTS_MAX_TEXT_CHARS``).
+        max_frame_bytes: Largest client frame (``TTS_MAX_FRAME_BYTES``).
+        max_contexts_per_connection: Open contexts per connection (``TTS_MAX_CONTEXTS``).
+        engine_concurrency: Contexts generated at once, 0 for the engine's default
+            (``TTS_ENGINE_CONCURRENCY``).
+        model_dir: Chatterbox weights folder, or None to download (``TTS_MODEL_DIR``).
+        t3_model_dir: vLLM model folder (``TTS_T3_MODEL_DIR``).
+        t3_backend: ``auto``, ``vllm`` or ``torch`` (``TTS_T3_BACKEND``).
+        device: Torch device for the chatterbox engine (``TTS_DEVICE``).
+        flow_steps: S3Gen flow-matching steps (``TTS_FLOW_STEPS``).
+        piper_model: Piper ``.onnx`` voice, or None for the bundled one (``TTS_PIPER_MODEL``).
+    """
+
+    host: str = "0.0.0.0"
+    port: int = 8002
+    max_connections: int = 50
+    engine: str = "auto"
+    voices_dir: Path = field(default_factory=lambda: Path("voices"))
+    log_dir: Path = field(default_factory=lambda: Path("logs"))
+    log_level: str = "INFO"
+    api_key: str | None = None
+    chunk_size: int = 25
+    context_window: int = 50
+    streaming: bool = True
+    max_text_chars: int = 20_000
+    max_frame_bytes: int = 16 * 1024 * 1024
+    max_contexts_per_connection: int = 16
+    engine_concurrency: int = 0
+    model_dir: Path | None = None
+    t3_model_dir: Path = field(default_factory=lambda: Path("t3-model"))
+    t3_backend: str = "auto"
+    device: str = "auto"
+    flow_steps: int = 10
+    piper_model: Path | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> SidecarConfig:
+        """Read and validate the configuration.
+
+        Args:
+            env: The environment; ``os.environ`` by default.
+
+        Returns:
+            The configuration.
+
+        Raises:
+            ConfigError: Naming the first variable with a bad value.
+        """
+        env = os.environ if env is None else env
+        r = _Reader(env)
+        project_root = Path(__file__).resolve().parents[2]
+        config = cls(
+            host=r.str("TTS_HOST", "0.0.0.0"),
+            port=r.int("TTS_PORT", 8002, 0, 65535),
+            max_connections=r.int("TTS_MAX_CONNECTIONS", 50, 1, 100_000),
+            engine=r.choice("TTS_ENGINE", "auto", ENGINES),
+            voices_dir=r.path("TTS_VOICES_DIR", Path("voices")),
+            log_dir=r.path("TTS_LOG_DIR", Path("logs")),
+            log_level=r.choice("TTS_LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
+            api_key=r.str("TTS_API_KEY", "") or None,
+            chunk_size=r.int("TTS_CHUNK_SIZE", 25, 4, 500),
+            context_window=r.int("TTS_CONTEXT_WINDOW", 50, 0, 1000),
+            streaming=r.bool("TTS_STREAMING", True),
+            max_text_chars=r.int("TTS_MAX_TEXT_CHARS", 20_000, 1, 10_000_000),
+            max_frame_bytes=r.int("TTS_MAX_FRAME_BYTES", 16 * 1024 * 1024, 1024, 1 << 30),
+            max_contexts_per_connection=r.int("TTS_MAX_CONTEXTS", 16, 1, 10_000),
+            engine_concurrency=r.int("TTS_ENGINE_CONCURRENCY", 0, 0, 10_000),
+            model_dir=r.path("TTS_MODEL_DIR", None),
+            # the vLLM model folder lives beside the project by default, never in the CWD
+            t3_model_dir=r.path("TTS_T3_MODEL_DIR", project_root / "t3-model"),
+            t3_backend=r.choice("TTS_T3_BACKEND", "auto", T3_BACKENDS),
+            device=r.str("TTS_DEVICE", "auto"),
+            flow_steps=r.int("TTS_FLOW_STEPS", 10, 1, 100),
+            piper_model=r.path("TTS_PIPER_MODEL", None),
+        )
+        _check_cuda_visible_devices(env.get("CUDA_VISIBLE_DEVICES"))
+        if config.host.strip() == "":
+            raise ConfigError("TTS_HOST must not be empty")
+        if config.piper_model is not None and not config.piper_model.is_file():
+            raise ConfigError(f"TTS_PIPER_MODEL: no such file: {config.piper_model}")
+        if config.model_dir is not None and not config.model_dir.is_dir():
+            raise ConfigError(f"TTS_MODEL_DIR: no such folder: {config.model_dir}")
+        return config
+
+    def limits(self) -> dict[str, int]:
+        """Returns: the limits the server enforces, as announced in ``ready.limits``."""
+        return {
+            "max_text_chars": self.max_text_chars,
+            "max_frame_bytes": self.max_frame_bytes,
+            "max_contexts_per_connection": self.max_contexts_per_connection,
+            "min_reference_seconds": 3,
+            "max_reference_seconds": 30,
+        }
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]):
+        self._env = env
+
+    def _raw(self, name: str) -> str | None:
+        value = self._env.get(name)
+        return None if value is None or value.strip() == "" else value.strip()
+
+    def str(self, name: str, default: str) -> str:
+        value = self._raw(name)
+        return default if value is None else value
+
+    def int(self, name: str, default: int, low: int, high: int) -> int:
+        value = self._raw(name)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+        if not low <= number <= high:
+            raise ConfigError(f"{name} must be between {low} and {high}, got {number}")
+        return number
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self._raw(name)
+        if value is None:
+            return default
+        lowered = value.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...], upper=False) -> str:
+        value = self._raw(name)
+        if value is None:
+            return default
+        value = value.upper() if upper else value.lower()
+        if value not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def path(self, name: str, default: Path | None) -> Path | None:
+        value = self._raw(name)
+        return default if value is None else Path(value).expanduser()
+
+
+_CUDA_DEVICES = re.compile(r"^(-1|[0-9]+|GPU-[0-9a-fA-F-]+|MIG-[0-9a-zA-Z/-]+)$")
+
+
+def _check_cuda_visible_devices(value: str | None) -> None:
+    if value is None or value.strip() == "":
+        return
+    for item in value.split(","):
+        if not _CUDA_DEVICES.match(item.strip()):
+            raise ConfigError(
+                f"CUDA_VISIBLE_DEVICES must be a comma-separated list of GPU indices or UUIDs, "
+                f"got {value!r}"
+            )

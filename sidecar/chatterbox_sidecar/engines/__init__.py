@@ -1,0 +1,57 @@
+"""Engines behind the sidecar, and the factory that picks one from the configuration."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from loguru import logger
+
+from chatterbox_sidecar.config import SidecarConfig
+from chatterbox_sidecar.engines.base import Engine, EngineError, EngineInfo, UnsupportedError
+
+__all__ = ["Engine", "EngineError", "EngineInfo", "UnsupportedError", "create_engine"]
+
+
+def _cuda_available() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_engine_name(config: SidecarConfig) -> str:
+    """Decide which engine ``auto`` means on this machine.
+
+    Args:
+        config: The configuration.
+
+    Returns:
+        ``chatterbox`` when CUDA and the gpu extra are present, else ``piper``.
+    """
+    if config.engine != "auto":
+        return config.engine
+    has_gpu_extra = importlib.util.find_spec("chatterbox_vllm") is not None
+    if has_gpu_extra and _cuda_available():
+        return "chatterbox"
+    logger.info("TTS_ENGINE=auto: no CUDA GPU with the gpu extra here, using piper")
+    return "piper"
+
+
+def create_engine(config: SidecarConfig) -> Engine:
+    """Build the configured engine (not started).
+
+    Args:
+        config: The configuration.
+
+    Returns:
+        The engine.
+    """
+    name = resolve_engine_name(config)
+    if name == "piper":
+        from chatterbox_sidecar.engines.piper import PiperEngine
+
+        return PiperEngine(config.piper_model, config.engine_concurrency)
+    from chatterbox_sidecar.engines.chatterbox import create_chatterbox_engine
+
+    return create_chatterbox_engine(config)

@@ -1,0 +1,343 @@
+"""Protocol v1: parsing client messages and building server messages.
+
+Pure functions and dataclasses, no I/O. ``docs/protocol.md`` is the prose version of this module.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from chatterbox_sidecar.voices import VOICE_ID_PATTERN
+
+PROTOCOL_VERSION = 1
+PATH = "/v1/stream/tts"
+DEFAULT_SAMPLE_RATE = 24000
+MIN_SAMPLE_RATE = 8000
+MAX_SAMPLE_RATE = 48000
+ENCODINGS = ("pcm_f32le", "pcm_s16le", "pcm_mulaw")
+DEFAULT_ENCODING = "pcm_f32le"
+CONTEXT_ID_PATTERN = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+
+ERROR_CODES = (
+    "invalid_json",
+    "unknown_type",
+    "invalid_request",
+    "text_too_long",
+    "voice_not_found",
+    "invalid_audio",
+    "unsupported",
+    "busy",
+    "engine_error",
+    "not_ready",
+    "internal_error",
+)
+
+
+class ProtocolError(Exception):
+    """A client message the server rejects; sent back as an ``error`` message."""
+
+    def __init__(self, code: str, message: str, context_id: str | None = None):
+        """Initialize the error.
+
+        Args:
+            code: One of ``ERROR_CODES``.
+            message: Human-readable explanation.
+            context_id: The context the error ends, if any.
+        """
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.context_id = context_id
+
+
+@dataclass(frozen=True)
+class Synthesize:
+    """A ``synthesize`` message: text for a context, opening it or appending to it."""
+
+    text: str
+    context_id: str | None
+    continue_: bool
+    voice_id: str
+    streaming: bool | None
+    exaggeration: float
+    cfg_weight: float
+    temperature: float
+    seed: int | None
+    sample_rate: int
+    encoding: str
+
+
+@dataclass(frozen=True)
+class Flush:
+    """A ``flush`` message: no more text for the context."""
+
+    context_id: str
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """A ``cancel`` message: stop the context at once."""
+
+    context_id: str
+
+
+@dataclass(frozen=True)
+class RegisterVoice:
+    """A ``register_voice`` message, with the reference audio already base64-decoded."""
+
+    voice_id: str
+    reference_audio: bytes
+
+
+@dataclass(frozen=True)
+class DeleteVoice:
+    """A ``delete_voice`` message."""
+
+    voice_id: str
+
+
+@dataclass(frozen=True)
+class ListVoices:
+    """A ``list_voices`` message."""
+
+
+ClientMessage = Synthesize | Flush | Cancel | RegisterVoice | DeleteVoice | ListVoices
+
+_MISSING = object()
+
+
+class _Fields:
+    """Typed access to the fields of one JSON object, raising ``invalid_request``."""
+
+    def __init__(self, obj: dict[str, Any], context_id: str | None = None):
+        self._obj = obj
+        self.context_id = context_id
+
+    def _fail(self, message: str) -> ProtocolError:
+        return ProtocolError("invalid_request", message, self.context_id)
+
+    def str(self, name: str, default: Any = _MISSING) -> Any:
+        value = self._obj.get(name, _MISSING)
+        if value is _MISSING or (value is None and default is not _MISSING):
+            if default is _MISSING:
+                raise self._fail(f"'{name}' is required")
+            return default
+        if not isinstance(value, str):
+            raise self._fail(f"'{name}' must be a string")
+        return value
+
+    def bool(self, name: str, default: Any) -> Any:
+        value = self._obj.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self._fail(f"'{name}' must be true or false")
+        return value
+
+    def number(self, name: str, default: float, low: float, high: float) -> float:
+        value = self._obj.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise self._fail(f"'{name}' must be a number")
+        if not low <= value <= high:
+            raise self._fail(f"'{name}' must be between {low:g} and {high:g}")
+        return float(value)
+
+    def int(self, name: str, default: Any, low: int, high: int) -> Any:
+        value = self._obj.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._fail(f"'{name}' must be an integer")
+        if not low <= value <= high:
+            raise self._fail(f"'{name}' must be between {low} and {high}")
+        return value
+
+
+def _context_id(fields: _Fields, required: bool) -> str | None:
+    value = fields.str("context_id", _MISSING if required else None)
+    if value is not None and not CONTEXT_ID_PATTERN.match(value):
+        raise ProtocolError(
+            "invalid_request", "'context_id' must be 1-128 printable ASCII characters, no spaces"
+        )
+    return value
+
+
+def _voice_id(fields: _Fields, default: Any = _MISSING) -> str:
+    value = fields.str("voice_id", default)
+    if not VOICE_ID_PATTERN.match(value):
+        raise ProtocolError(
+            "invalid_request",
+            "'voice_id' must be 1-64 characters of letters, digits, '_' or '-'",
+            fields.context_id,
+        )
+    return value
+
+
+def parse_client_message(raw: str) -> ClientMessage:
+    """Parse and validate one client text frame.
+
+    Args:
+        raw: The frame's text.
+
+    Returns:
+        The message.
+
+    Raises:
+        ProtocolError: ``invalid_json``, ``unknown_type`` or ``invalid_request`` (with the
+            message's ``context_id`` when it had a valid one).
+    """
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise ProtocolError("invalid_json", f"message is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("invalid_request", "message must be a JSON object")
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("invalid_request", "'type' is required and must be a string")
+    fields = _Fields(obj)
+    if kind in ("synthesize", "flush", "cancel"):
+        raw_cid = obj.get("context_id")
+        if isinstance(raw_cid, str) and CONTEXT_ID_PATTERN.match(raw_cid):
+            fields.context_id = raw_cid
+    if kind == "synthesize":
+        return _parse_synthesize(fields)
+    if kind == "flush":
+        return Flush(_context_id(fields, required=True))
+    if kind == "cancel":
+        return Cancel(_context_id(fields, required=True))
+    if kind == "register_voice":
+        return RegisterVoice(_voice_id(fields), _decode_audio(fields.str("reference_audio")))
+    if kind == "delete_voice":
+        return DeleteVoice(_voice_id(fields))
+    if kind == "list_voices":
+        return ListVoices()
+    raise ProtocolError("unknown_type", f"unknown message type '{kind[:64]}'")
+
+
+def _parse_synthesize(fields: _Fields) -> Synthesize:
+    context_id = _context_id(fields, required=False)
+    text = fields.str("text")
+    continue_ = fields.bool("continue", False)
+    if not continue_ and not text.strip():
+        raise ProtocolError("invalid_request", "'text' must not be empty", fields.context_id)
+    encoding = fields.str("encoding", DEFAULT_ENCODING)
+    if encoding not in ENCODINGS:
+        raise ProtocolError(
+            "invalid_request",
+            f"'encoding' must be one of {', '.join(ENCODINGS)}",
+            fields.context_id,
+        )
+    return Synthesize(
+        text=text,
+        context_id=context_id,
+        continue_=continue_,
+        voice_id=_voice_id(fields, "default"),
+        streaming=fields.bool("streaming", None),
+        exaggeration=fields.number("exaggeration", 0.5, 0.0, 2.0),
+        cfg_weight=fields.number("cfg_weight", 0.5, 0.0, 2.0),
+        temperature=fields.number("temperature", 0.8, 0.05, 5.0),
+        seed=fields.int("seed", None, 0, 2**32 - 1),
+        sample_rate=fields.int("sample_rate", DEFAULT_SAMPLE_RATE, MIN_SAMPLE_RATE, MAX_SAMPLE_RATE),
+        encoding=encoding,
+    )
+
+
+def _decode_audio(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError("invalid_audio", "'reference_audio' is not valid base64") from None
+
+
+def encode(message: dict[str, Any]) -> str:
+    """Serialise a server message.
+
+    Args:
+        message: The message, with its ``type``.
+
+    Returns:
+        Compact JSON text.
+    """
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+
+
+def error(code: str, message: str, context_id: str | None = None) -> dict[str, Any]:
+    """Build an ``error`` message.
+
+    Args:
+        code: One of ``ERROR_CODES``.
+        message: Human-readable explanation.
+        context_id: The context this error ends, if any.
+
+    Returns:
+        The message.
+    """
+    msg: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if context_id is not None:
+        msg["context_id"] = context_id
+    return msg
+
+
+def started(context_id: str, request: Synthesize, streaming: bool) -> dict[str, Any]:
+    """Build a ``started`` message echoing the parameters in effect.
+
+    Args:
+        context_id: The context.
+        request: The message that opened the context.
+        streaming: The mode in effect (the request's flag or the server default).
+
+    Returns:
+        The message.
+    """
+    return {
+        "type": "started",
+        "context_id": context_id,
+        "sample_rate": request.sample_rate,
+        "encoding": request.encoding,
+        "voice_id": request.voice_id,
+        "streaming": streaming,
+        "exaggeration": request.exaggeration,
+        "cfg_weight": request.cfg_weight,
+        "temperature": request.temperature,
+        "seed": request.seed,
+    }
+
+
+def done(context_id: str, audio_seconds: float, ttfb_ms: float | None) -> dict[str, Any]:
+    """Build a ``done`` message.
+
+    Args:
+        context_id: The context.
+        audio_seconds: Duration of all audio sent for it.
+        ttfb_ms: From receipt of its first text to its first audio byte, or None without audio.
+
+    Returns:
+        The message.
+    """
+    return {
+        "type": "done",
+        "context_id": context_id,
+        "audio_seconds": round(audio_seconds, 6),
+        "ttfb_ms": None if ttfb_ms is None else round(ttfb_ms, 1),
+    }
+
+
+def cancelled(context_id: str) -> dict[str, Any]:
+    """Build a ``cancelled`` message.
+
+    Args:
+        context_id: The context.
+
+    Returns:
+        The message.
+    """
+    return {"type": "cancelled", "context_id": context_id}

@@ -1,0 +1,414 @@
+"""One websocket connection: its contexts, their generation, and in-order delivery.
+
+Each context has a generation task (text segments -> engine -> encoded audio, into a bounded
+queue) and the connection has one delivery task that sends the contexts' audio strictly in the
+order they were opened. Later contexts generate while earlier ones are still being delivered;
+their audio waits in their queue, which bounds the memory one connection can hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from loguru import logger
+
+from chatterbox_sidecar import protocol
+from chatterbox_sidecar.app import App
+from chatterbox_sidecar.audio import BYTES_PER_SAMPLE, StreamEncoder
+from chatterbox_sidecar.engines.base import EngineError, SynthesisParams
+from chatterbox_sidecar.protocol import (
+    Cancel,
+    ClientMessage,
+    DeleteVoice,
+    Flush,
+    ListVoices,
+    ProtocolError,
+    RegisterVoice,
+    Synthesize,
+)
+from chatterbox_sidecar.text import TextSegmenter
+from chatterbox_sidecar.voices import Voice
+
+AUDIO_QUEUE_CHUNKS = 64  # encoded chunks a context may hold before its generation waits
+ENDED_IDS_REMEMBERED = 4096
+
+Send = Callable[[str | bytes], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class _End:
+    """Generation finished normally."""
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """Generation failed; the context ends with this error."""
+
+    code: str
+    message: str
+
+
+_END = _End()
+
+
+class Context:
+    """One context: its text, its generation task and its queue of encoded audio."""
+
+    def __init__(
+        self,
+        context_id: str,
+        request: Synthesize,
+        params: SynthesisParams,
+        voice: Voice | None,
+        app: App,
+    ):
+        """Initialize the context (generation starts with :meth:`start`).
+
+        Args:
+            context_id: Its id.
+            request: The ``synthesize`` message that opened it.
+            params: Generation parameters in effect.
+            voice: The registered voice, or None for the default voice.
+            app: The sidecar.
+        """
+        self.context_id = context_id
+        self.request = request
+        self.params = params
+        self.voice = voice
+        self.opened_at = time.perf_counter()
+        self.text_chars = 0
+        self.text_complete = False
+        self.cancelled = False
+        self.audio: asyncio.Queue[bytes | _End | _Failed] = asyncio.Queue(AUDIO_QUEUE_CHUNKS)
+        self.encoder = StreamEncoder(
+            app.engine.info.native_sample_rate, request.sample_rate, request.encoding
+        )
+        self._app = app
+        self._segmenter = TextSegmenter(max_chars=app.engine.info.max_segment_chars)
+        self._segments: asyncio.Queue[str | None] = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+        self.generation_seconds = 0.0
+
+    def start(self) -> None:
+        """Start generating."""
+        self._task = asyncio.create_task(self._generate(), name=f"tts-ctx-{self.context_id}")
+
+    def add_text(self, text: str) -> None:
+        """Append text; complete segments go to the engine at once.
+
+        Args:
+            text: The next piece, concatenated verbatim to what came before.
+        """
+        self.text_chars += len(text)
+        for segment in self._segmenter.push(text):
+            self._segments.put_nowait(segment)
+
+    def close_text(self) -> None:
+        """Mark the text complete: the rest goes to the engine and generation can finish."""
+        if self.text_complete:
+            return
+        self.text_complete = True
+        for segment in self._segmenter.flush():
+            self._segments.put_nowait(segment)
+        self._segments.put_nowait(None)
+
+    def cancel(self) -> None:
+        """Stop generating at once and drop queued audio; delivery sees the cancel next."""
+        self.cancelled = True
+        if self._task is not None:
+            self._task.cancel()
+        while not self.audio.empty():
+            self.audio.get_nowait()
+
+    async def wait_generation(self) -> None:
+        """Wait for the generation task to end (after a cancel, for clean-up)."""
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _segment_iter(self) -> AsyncIterator[str]:
+        while (segment := await self._segments.get()) is not None:
+            yield segment
+
+    async def _generate(self) -> None:
+        started = time.perf_counter()
+        stream = self._app.engine.synthesize(self._segment_iter(), self.params, self.voice)
+        try:
+            async for chunk in stream:
+                data = self.encoder.encode(chunk)
+                if data:
+                    await self.audio.put(data)
+            tail = self.encoder.flush()
+            if tail:
+                await self.audio.put(tail)
+            await self.audio.put(_END)
+        except asyncio.CancelledError:
+            raise
+        except EngineError as e:
+            logger.warning(f"Context {self.context_id}: {e.code}: {e}")
+            await self.audio.put(_Failed(e.code, str(e)))
+        except Exception as e:
+            logger.exception(f"Context {self.context_id}: engine failed")
+            await self.audio.put(_Failed("engine_error", f"synthesis failed: {type(e).__name__}"))
+        finally:
+            self.generation_seconds = time.perf_counter() - started
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await asyncio.shield(aclose())
+
+
+class Session:
+    """The protocol state machine of one websocket connection."""
+
+    def __init__(self, app: App, send: Send, peer: str = "?"):
+        """Initialize the session.
+
+        Args:
+            app: The sidecar.
+            send: Sends one frame (text or binary) to the client.
+            peer: The client's address, for logs.
+        """
+        self._app = app
+        self._send = send
+        self._peer = peer
+        self._contexts: dict[str, Context] = {}
+        self._ended: OrderedDict[str, None] = OrderedDict()
+        self._delivery: asyncio.Queue[Context] = asyncio.Queue()
+        self._current: Context | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._deliverer = asyncio.create_task(self._deliver(), name=f"tts-deliver-{peer}")
+
+    def __str__(self) -> str:
+        return f"Session({self._peer})"
+
+    async def send_json(self, message: dict) -> None:
+        """Send a server message, counting errors in the metrics.
+
+        Args:
+            message: The message.
+        """
+        if message["type"] == "error":
+            self._app.metrics.errors.labels(message["code"]).inc()
+        await self._send(protocol.encode(message))
+
+    async def handle_text(self, raw: str) -> None:
+        """Handle one client text frame; every failure is answered with an ``error``.
+
+        Args:
+            raw: The frame.
+        """
+        try:
+            message = protocol.parse_client_message(raw)
+            await self._dispatch(message)
+        except ProtocolError as e:
+            await self.send_json(protocol.error(e.code, e.message, e.context_id))
+
+    async def handle_binary(self) -> None:
+        """Answer a binary frame from the client, which the protocol does not use."""
+        await self.send_json(
+            protocol.error("invalid_request", "binary frames are not accepted from clients")
+        )
+
+    async def _dispatch(self, message: ClientMessage) -> None:
+        logger.debug(f"{self}: recv {_describe(message)}")
+        if isinstance(message, Synthesize):
+            await self._synthesize(message)
+        elif isinstance(message, Flush):
+            ctx = self._contexts.get(message.context_id)
+            if ctx is not None:
+                ctx.close_text()
+        elif isinstance(message, Cancel):
+            await self._cancel(message.context_id)
+        elif isinstance(message, RegisterVoice | DeleteVoice):
+            self._spawn(self._voice_operation(message))
+        elif isinstance(message, ListVoices):
+            await self.send_json({"type": "voices", "voices": self._app.list_voices()})
+
+    async def _synthesize(self, msg: Synthesize) -> None:
+        app = self._app
+        context_id = msg.context_id
+        if context_id is None:
+            if msg.continue_:
+                raise ProtocolError(
+                    "invalid_request", "'continue': true needs a 'context_id' to continue"
+                )
+            context_id = uuid.uuid4().hex
+        ctx = self._contexts.get(context_id)
+        if ctx is None:
+            if context_id in self._ended:
+                raise ProtocolError(
+                    "invalid_request", f"context '{context_id}' has already ended", context_id
+                )
+            if len(self._contexts) >= app.config.max_contexts_per_connection:
+                raise ProtocolError(
+                    "busy",
+                    f"too many open contexts on this connection "
+                    f"(limit {app.config.max_contexts_per_connection})",
+                    context_id,
+                )
+            if len(msg.text) > app.config.max_text_chars:
+                raise _too_long(context_id, app.config.max_text_chars)
+            voice = app.resolve_voice(msg.voice_id, context_id)
+            streaming = app.config.streaming if msg.streaming is None else msg.streaming
+            params = SynthesisParams(
+                voice_id=msg.voice_id,
+                exaggeration=msg.exaggeration,
+                cfg_weight=msg.cfg_weight,
+                temperature=msg.temperature,
+                seed=msg.seed,
+                streaming=streaming,
+            )
+            ctx = Context(context_id, msg, params, voice, app)
+            self._contexts[context_id] = ctx
+            app.metrics.contexts_open.inc()
+            ctx.start()
+            self._delivery.put_nowait(ctx)
+        elif ctx.text_complete:
+            raise ProtocolError(
+                "invalid_request", f"context '{context_id}' was flushed; open a new one", context_id
+            )
+        elif ctx.text_chars + len(msg.text) > app.config.max_text_chars:
+            await self._end_with_error(ctx, _too_long(context_id, app.config.max_text_chars))
+            return
+        app.metrics.characters.inc(len(msg.text))
+        ctx.add_text(msg.text)
+        if not msg.continue_:
+            ctx.close_text()
+
+    async def _end_with_error(self, ctx: Context, error: ProtocolError) -> None:
+        ctx.cancel()
+        if ctx is self._current:
+            ctx.audio.put_nowait(_Failed(error.code, error.message))
+        else:
+            self._finish(ctx, "error")
+            await self.send_json(protocol.error(error.code, error.message, ctx.context_id))
+
+    async def _cancel(self, context_id: str) -> None:
+        ctx = self._contexts.get(context_id)
+        if ctx is None:
+            await self.send_json(protocol.cancelled(context_id))  # idempotent: unknown or ended
+            return
+        ctx.cancel()
+        if ctx is self._current:
+            ctx.audio.put_nowait(_Failed("cancelled", ""))  # delivery answers and moves on
+        else:
+            self._finish(ctx, "cancelled")
+            await self.send_json(protocol.cancelled(context_id))
+
+    def _finish(self, ctx: Context, outcome: str) -> None:
+        if self._contexts.pop(ctx.context_id, None) is None:
+            return
+        self._ended[ctx.context_id] = None
+        while len(self._ended) > ENDED_IDS_REMEMBERED:
+            self._ended.popitem(last=False)
+        metrics = self._app.metrics
+        metrics.contexts_open.dec()
+        metrics.contexts.labels(outcome).inc()
+
+    async def _deliver(self) -> None:
+        while True:
+            ctx = await self._delivery.get()
+            if ctx.cancelled:
+                continue
+            self._current = ctx
+            try:
+                await self._deliver_one(ctx)
+            finally:
+                self._current = None
+
+    async def _deliver_one(self, ctx: Context) -> None:
+        bytes_per_sample = BYTES_PER_SAMPLE[ctx.request.encoding]
+        started = False
+        sent_bytes = 0
+        ttfb_ms: float | None = None
+        while True:
+            item = await ctx.audio.get()
+            if isinstance(item, _Failed):
+                if item.code == "cancelled":
+                    self._finish(ctx, "cancelled")
+                    await self.send_json(protocol.cancelled(ctx.context_id))
+                else:
+                    self._finish(ctx, "error")
+                    await self.send_json(protocol.error(item.code, item.message, ctx.context_id))
+                return
+            if ctx.cancelled:
+                continue  # a chunk taken just before the cancel: the cancel marker follows
+            if not started:
+                started = True
+                await self.send_json(
+                    protocol.started(ctx.context_id, ctx.request, ctx.params.streaming)
+                )
+            if isinstance(item, _End):
+                break
+            if ttfb_ms is None:
+                ttfb_ms = (time.perf_counter() - ctx.opened_at) * 1000
+                self._app.metrics.ttfa.observe(ttfb_ms / 1000)
+            await self._send(item)
+            sent_bytes += len(item)
+        audio_seconds = sent_bytes / bytes_per_sample / ctx.request.sample_rate
+        self._finish(ctx, "done")
+        metrics = self._app.metrics
+        metrics.audio_seconds.inc(audio_seconds)
+        if audio_seconds > 0:
+            metrics.rtf.observe(ctx.generation_seconds / audio_seconds)
+        await self.send_json(protocol.done(ctx.context_id, audio_seconds, ttfb_ms))
+        logger.debug(
+            f"{self}: done {ctx.context_id} audio={audio_seconds:.2f}s ttfb={ttfb_ms or 0:.0f}ms"
+        )
+
+    async def _voice_operation(self, msg: RegisterVoice | DeleteVoice) -> None:
+        try:
+            if isinstance(msg, RegisterVoice):
+                voice = await self._app.register_voice(msg.voice_id, msg.reference_audio)
+                reply = {"type": "voice_registered", "voice_id": voice.voice_id,
+                         "voice": voice.describe()}
+            else:
+                await self._app.delete_voice(msg.voice_id)
+                reply = {"type": "voice_deleted", "voice_id": msg.voice_id}
+        except ProtocolError as e:
+            reply = protocol.error(e.code, e.message)
+            reply["voice_id"] = msg.voice_id
+        await self.send_json(reply)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Cancel every context and task of the connection (client gone or server closing)."""
+        self._deliverer.cancel()
+        contexts = list(self._contexts.values())
+        for ctx in contexts:
+            ctx.cancel()
+            self._finish(ctx, "cancelled")
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(
+            self._deliverer, *self._tasks, *(c.wait_generation() for c in contexts),
+            return_exceptions=True,
+        )
+
+
+def _too_long(context_id: str, limit: int) -> ProtocolError:
+    return ProtocolError(
+        "text_too_long", f"context text exceeds {limit} characters", context_id
+    )
+
+
+def _describe(message: ClientMessage) -> str:
+    if isinstance(message, Synthesize):
+        return (
+            f"synthesize context_id={message.context_id} continue={message.continue_} "
+            f"voice_id={message.voice_id} exaggeration={message.exaggeration} "
+            f"chars={len(message.text)}"
+        )
+    if isinstance(message, Flush | Cancel):
+        return f"{type(message).__name__.lower()} context_id={message.context_id}"
+    if isinstance(message, RegisterVoice | DeleteVoice):
+        return f"{type(message).__name__} voice_id={message.voice_id}"
+    return type(message).__name__

