@@ -47,6 +47,8 @@ class TTSClient:
         self.ws = ws
         self.ready: dict | None = None
         self.messages: list[dict | bytes] = []  # everything received, in order
+        self.contexts: dict[str, ContextResult] = {}  # every context seen, by id
+        self.current: ContextResult | None = None  # the context audio now belongs to
 
     @classmethod
     async def connect(cls, url: str, **kwargs) -> TTSClient:
@@ -74,7 +76,29 @@ class TTSClient:
         frame = await asyncio.wait_for(self.ws.recv(), timeout)
         item = frame if isinstance(frame, bytes) else json.loads(frame)
         self.messages.append(item)
+        self._track(item)
         return item
+
+    def _track(self, item: dict | bytes) -> None:
+        """Attribute audio to contexts, checking the protocol's ordering rules."""
+        if isinstance(item, bytes):
+            assert self.current is not None, "binary frame outside any started context"
+            self.current.chunks.append(item)
+            return
+        kind = item["type"]
+        cid = item.get("context_id")
+        if kind == "started":
+            assert self.current is None, f"started {cid} while {self.current.context_id} is open"
+            assert cid not in self.contexts or self.contexts[cid].started is None
+            self.current = self.contexts.setdefault(cid, ContextResult(cid))
+            self.current.started = item
+        elif kind in ("done", "cancelled") or (kind == "error" and cid is not None):
+            result = self.contexts.setdefault(cid, ContextResult(cid))
+            if kind == "done":
+                assert result is self.current, f"done for {cid}, which is not the current context"
+            result.end = result.end or item
+            if self.current is result:
+                self.current = None
 
     async def recv_json(self, timeout: float = 60) -> dict:
         item = await self.recv(timeout)
@@ -97,26 +121,12 @@ class TTSClient:
         return next(iter(results.values()))
 
     async def collect(self, n_contexts: int, timeout: float = 120) -> dict[str, ContextResult]:
-        """Receive until n contexts have ended; audio is attributed to the current context."""
-        results: dict[str, ContextResult] = {}
-        current: ContextResult | None = None
-        ended = 0
-        while ended < n_contexts:
+        """Receive until n more contexts have ended; returns the contexts that ended."""
+        ended: dict[str, ContextResult] = {}
+        while len(ended) < n_contexts:
             item = await self.recv(timeout)
-            if isinstance(item, bytes):
-                assert current is not None, "binary frame outside any started context"
-                current.chunks.append(item)
-                continue
-            kind = item["type"]
-            cid = item.get("context_id")
-            if kind == "started":
-                assert current is None, f"started {cid} while {current.context_id} is open"
-                current = results.setdefault(cid, ContextResult(cid))
-                current.started = item
-            elif kind in ("done", "cancelled") or (kind == "error" and cid is not None):
-                result = results.setdefault(cid, ContextResult(cid))
-                result.end = item
-                if current is not None and current.context_id == cid:
-                    current = None
-                ended += 1
-        return results
+            if isinstance(item, dict) and item.get("context_id") in self.contexts:
+                result = self.contexts[item["context_id"]]
+                if result.end is item:
+                    ended[result.context_id] = result
+        return ended

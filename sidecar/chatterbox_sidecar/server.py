@@ -39,9 +39,10 @@ def _response(
 ) -> Response:
     response = connection.respond(status, "")
     new_headers = Headers(response.headers)
-    new_headers["Content-Type"] = content_type
-    new_headers["Content-Length"] = str(len(body))
-    for key, value in (headers or {}).items():
+    extra = {"Content-Type": content_type, "Content-Length": str(len(body)), **(headers or {})}
+    for key, value in extra.items():
+        if key in new_headers:
+            del new_headers[key]  # Headers is a multi-dict: assignment would add a second value
         new_headers[key] = value
     return replace(response, headers=new_headers, body=body)
 

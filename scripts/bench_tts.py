@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Benchmark client for any running sidecar: time to first audio, real-time factor, throughput.
+
+N concurrent websocket streams each synthesize R utterances one after another. For every
+utterance it records the time from sending the text to the first audio byte (client-side TTFA),
+the server's own ``ttfb_ms``, the audio duration, and the real-time factor (wall time of the
+utterance over its audio duration). Prints a table and, with --json, writes the raw results.
+
+    python scripts/bench_tts.py --url ws://localhost:8002/v1/stream/tts --streams 1,4,8 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import time
+import uuid
+from pathlib import Path
+
+from websockets.asyncio.client import connect
+
+TEXTS = [
+    "Thanks for calling, how can I help you today?",
+    "Your appointment is confirmed for Tuesday at three thirty in the afternoon.",
+    "I can help with that. Let me pull up your account details for a moment.",
+    "The total comes to forty two dollars and fifty cents, including tax.",
+    "Is there anything else I can do for you before we hang up?",
+]
+BYTES_PER_SAMPLE = {"pcm_f32le": 4, "pcm_s16le": 2, "pcm_mulaw": 1}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+async def one_stream(args, stream_index: int, results: list[dict]) -> None:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+    async with connect(args.url, additional_headers=headers, max_size=None) as ws:
+        ready = json.loads(await ws.recv())
+        assert ready["type"] == "ready", ready
+        for r in range(args.rounds):
+            text = TEXTS[(stream_index + r) % len(TEXTS)]
+            cid = f"s{stream_index}-r{r}-{uuid.uuid4().hex[:6]}"
+            t0 = time.perf_counter()
+            await ws.send(json.dumps({
+                "type": "synthesize", "text": text, "context_id": cid,
+                "sample_rate": args.sample_rate, "encoding": args.encoding,
+                **({"streaming": args.streaming == "on"} if args.streaming != "server" else {}),
+            }))
+            first = None
+            n_bytes = 0
+            while True:
+                frame = await ws.recv()
+                if isinstance(frame, bytes):
+                    if first is None:
+                        first = time.perf_counter()
+                    n_bytes += len(frame)
+                    continue
+                msg = json.loads(frame)
+                if msg.get("context_id") != cid or msg["type"] == "started":
+                    continue
+                end = time.perf_counter()
+                audio_s = n_bytes / BYTES_PER_SAMPLE[args.encoding] / args.sample_rate
+                results.append({
+                    "stream": stream_index, "round": r, "outcome": msg["type"],
+                    "ttfa_ms": None if first is None else (first - t0) * 1000,
+                    "server_ttfb_ms": msg.get("ttfb_ms"),
+                    "audio_s": audio_s, "wall_s": end - t0,
+                    "rtf": (end - t0) / audio_s if audio_s else None,
+                    "announced_audio_s": msg.get("audio_seconds"),
+                })
+                break
+
+
+async def run_level(args, streams: int) -> dict:
+    results: list[dict] = []
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one_stream(args, i, results) for i in range(streams)))
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if r["outcome"] == "done" and r["ttfa_ms"] is not None]
+    ttfa = [r["ttfa_ms"] for r in ok]
+    rtf = [r["rtf"] for r in ok]
+    audio = sum(r["audio_s"] for r in ok)
+    return {
+        "streams": streams, "utterances": len(results), "ok": len(ok),
+        "ttfa_p50_ms": percentile(ttfa, 0.5), "ttfa_p95_ms": percentile(ttfa, 0.95),
+        "server_ttfb_p50_ms": percentile([r["server_ttfb_ms"] for r in ok], 0.5),
+        "rtf_p50": percentile(rtf, 0.5), "rtf_max": max(rtf) if rtf else float("nan"),
+        "audio_s_per_s": audio / wall, "wall_s": wall, "raw": results,
+    }
+
+
+async def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--url", default="ws://localhost:8002/v1/stream/tts")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--streams", default="1,4,8", help="comma-separated concurrency levels")
+    p.add_argument("--rounds", type=int, default=5, help="utterances per stream")
+    p.add_argument("--sample-rate", type=int, default=24000)
+    p.add_argument("--encoding", default="pcm_s16le", choices=sorted(BYTES_PER_SAMPLE))
+    p.add_argument("--streaming", default="server", choices=["on", "off", "server"])
+    p.add_argument("--warmup", type=int, default=1, help="utterances before measuring")
+    p.add_argument("--json", type=Path, default=None, help="write raw results here")
+    args = p.parse_args()
+
+    if args.warmup:
+        warm = argparse.Namespace(**{**vars(args), "rounds": args.warmup})
+        await one_stream(warm, 0, [])
+    levels = [await run_level(args, int(n)) for n in args.streams.split(",")]
+    print(f"{'streams':>7} {'ok':>5} {'TTFA p50':>9} {'TTFA p95':>9} {'srv p50':>8} "
+          f"{'RTF p50':>8} {'RTF max':>8} {'audio s/s':>9}")
+    for lv in levels:
+        print(f"{lv['streams']:>7} {lv['ok']:>2}/{lv['utterances']:<2} {lv['ttfa_p50_ms']:>7.0f}ms "
+              f"{lv['ttfa_p95_ms']:>7.0f}ms {lv['server_ttfb_p50_ms']:>6.0f}ms "
+              f"{lv['rtf_p50']:>8.3f} {lv['rtf_max']:>8.3f} {lv['audio_s_per_s']:>9.2f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "url": args.url, "machine": platform.platform(), "cpu_count": __import__("os").cpu_count(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "args": {k: str(v) for k, v in vars(args).items()},
+            "levels": levels,
+        }, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,60 @@
+"""Configuration from the environment, and start-up failures that name the variable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chatterbox_sidecar.config import ConfigError, SidecarConfig
+
+
+def test_defaults_match_the_deployment_guide():
+    config = SidecarConfig.from_env({})
+    assert (config.host, config.port, config.max_connections) == ("0.0.0.0", 8002, 50)
+    assert (config.engine, config.chunk_size, config.context_window) == ("auto", 25, 50)
+    assert config.voices_dir == Path("voices") and config.log_dir == Path("logs")
+    assert config.api_key is None
+    assert config.t3_model_dir.is_absolute()  # never relative to the current directory
+
+
+def test_values_are_read():
+    config = SidecarConfig.from_env(
+        {"TTS_PORT": "9000", "TTS_ENGINE": "PIPER", "TTS_API_KEY": "k", "TTS_STREAMING": "false",
+         "TTS_CHUNK_SIZE": "12", "CUDA_VISIBLE_DEVICES": "0,1"}
+    )
+    assert (config.port, config.engine, config.api_key) == (9000, "piper", "k")
+    assert config.streaming is False and config.chunk_size == 12
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("TTS_PORT", "eighty"),
+        ("TTS_PORT", "70000"),
+        ("TTS_MAX_CONNECTIONS", "0"),
+        ("TTS_ENGINE", "espeak"),
+        ("TTS_CHUNK_SIZE", "-3"),
+        ("TTS_CONTEXT_WINDOW", "1.5"),
+        ("TTS_STREAMING", "maybe"),
+        ("TTS_T3_BACKEND", "onnx"),
+        ("TTS_LOG_LEVEL", "LOUD"),
+        ("CUDA_VISIBLE_DEVICES", "zero"),
+        ("TTS_MODEL_DIR", "/no/such/folder"),
+    ],
+)
+def test_bad_values_name_the_variable(name, value):
+    with pytest.raises(ConfigError, match=name):
+        SidecarConfig.from_env({name: value})
+
+
+def test_bad_value_stops_the_server_at_start(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "chatterbox_sidecar"],
+        env={"PATH": "/usr/bin:/bin", "TTS_PORT": "not-a-port", "TTS_LOG_DIR": str(tmp_path)},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "TTS_PORT" in proc.stderr
