@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import platform
-import statistics
 import time
 import uuid
 from pathlib import Path
@@ -50,11 +49,22 @@ async def one_stream(args, stream_index: int, results: list[dict]) -> None:
             text = TEXTS[(stream_index + r) % len(TEXTS)]
             cid = f"s{stream_index}-r{r}-{uuid.uuid4().hex[:6]}"
             t0 = time.perf_counter()
-            await ws.send(json.dumps({
-                "type": "synthesize", "text": text, "context_id": cid,
-                "sample_rate": args.sample_rate, "encoding": args.encoding,
-                **({"streaming": args.streaming == "on"} if args.streaming != "server" else {}),
-            }))
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "synthesize",
+                        "text": text,
+                        "context_id": cid,
+                        "sample_rate": args.sample_rate,
+                        "encoding": args.encoding,
+                        **(
+                            {"streaming": args.streaming == "on"}
+                            if args.streaming != "server"
+                            else {}
+                        ),
+                    }
+                )
+            )
             first = None
             n_bytes = 0
             while True:
@@ -69,14 +79,19 @@ async def one_stream(args, stream_index: int, results: list[dict]) -> None:
                     continue
                 end = time.perf_counter()
                 audio_s = n_bytes / BYTES_PER_SAMPLE[args.encoding] / args.sample_rate
-                results.append({
-                    "stream": stream_index, "round": r, "outcome": msg["type"],
-                    "ttfa_ms": None if first is None else (first - t0) * 1000,
-                    "server_ttfb_ms": msg.get("ttfb_ms"),
-                    "audio_s": audio_s, "wall_s": end - t0,
-                    "rtf": (end - t0) / audio_s if audio_s else None,
-                    "announced_audio_s": msg.get("audio_seconds"),
-                })
+                results.append(
+                    {
+                        "stream": stream_index,
+                        "round": r,
+                        "outcome": msg["type"],
+                        "ttfa_ms": None if first is None else (first - t0) * 1000,
+                        "server_ttfb_ms": msg.get("ttfb_ms"),
+                        "audio_s": audio_s,
+                        "wall_s": end - t0,
+                        "rtf": (end - t0) / audio_s if audio_s else None,
+                        "announced_audio_s": msg.get("audio_seconds"),
+                    }
+                )
                 break
 
 
@@ -90,11 +105,17 @@ async def run_level(args, streams: int) -> dict:
     rtf = [r["rtf"] for r in ok]
     audio = sum(r["audio_s"] for r in ok)
     return {
-        "streams": streams, "utterances": len(results), "ok": len(ok),
-        "ttfa_p50_ms": percentile(ttfa, 0.5), "ttfa_p95_ms": percentile(ttfa, 0.95),
+        "streams": streams,
+        "utterances": len(results),
+        "ok": len(ok),
+        "ttfa_p50_ms": percentile(ttfa, 0.5),
+        "ttfa_p95_ms": percentile(ttfa, 0.95),
         "server_ttfb_p50_ms": percentile([r["server_ttfb_ms"] for r in ok], 0.5),
-        "rtf_p50": percentile(rtf, 0.5), "rtf_max": max(rtf) if rtf else float("nan"),
-        "audio_s_per_s": audio / wall, "wall_s": wall, "raw": results,
+        "rtf_p50": percentile(rtf, 0.5),
+        "rtf_max": max(rtf) if rtf else float("nan"),
+        "audio_s_per_s": audio / wall,
+        "wall_s": wall,
+        "raw": results,
     }
 
 
@@ -115,19 +136,31 @@ async def main() -> None:
         warm = argparse.Namespace(**{**vars(args), "rounds": args.warmup})
         await one_stream(warm, 0, [])
     levels = [await run_level(args, int(n)) for n in args.streams.split(",")]
-    print(f"{'streams':>7} {'ok':>5} {'TTFA p50':>9} {'TTFA p95':>9} {'srv p50':>8} "
-          f"{'RTF p50':>8} {'RTF max':>8} {'audio s/s':>9}")
+    print(
+        f"{'streams':>7} {'ok':>5} {'TTFA p50':>9} {'TTFA p95':>9} {'srv p50':>8} "
+        f"{'RTF p50':>8} {'RTF max':>8} {'audio s/s':>9}"
+    )
     for lv in levels:
-        print(f"{lv['streams']:>7} {lv['ok']:>2}/{lv['utterances']:<2} {lv['ttfa_p50_ms']:>7.0f}ms "
-              f"{lv['ttfa_p95_ms']:>7.0f}ms {lv['server_ttfb_p50_ms']:>6.0f}ms "
-              f"{lv['rtf_p50']:>8.3f} {lv['rtf_max']:>8.3f} {lv['audio_s_per_s']:>9.2f}")
+        print(
+            f"{lv['streams']:>7} {lv['ok']:>2}/{lv['utterances']:<2} {lv['ttfa_p50_ms']:>7.0f}ms "
+            f"{lv['ttfa_p95_ms']:>7.0f}ms {lv['server_ttfb_p50_ms']:>6.0f}ms "
+            f"{lv['rtf_p50']:>8.3f} {lv['rtf_max']:>8.3f} {lv['audio_s_per_s']:>9.2f}"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "url": args.url, "machine": platform.platform(), "cpu_count": __import__("os").cpu_count(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "args": {k: str(v) for k, v in vars(args).items()},
-            "levels": levels,
-        }, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "url": args.url,
+                    "machine": platform.platform(),
+                    "cpu_count": __import__("os").cpu_count(),
+                    "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "levels": levels,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -65,7 +65,9 @@ class SidecarProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"sidecar exited ({self.proc.returncode}):\n{self.stderr_text()}")
+                raise RuntimeError(
+                    f"sidecar exited ({self.proc.returncode}):\n{self.stderr_text()}"
+                )
             try:
                 with urllib.request.urlopen(f"{self.http_url}/health", timeout=1) as r:
                     if r.status == 200:

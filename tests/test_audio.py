@@ -6,13 +6,14 @@ import audioop
 
 import numpy as np
 import pytest
-
 from chatterbox_sidecar.audio import StreamEncoder, encode_samples, float_to_s16, resample
 
 
 def _signal(n: int, rate: int) -> np.ndarray:
     t = np.arange(n) / rate
-    return (0.5 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 3000 * t)).astype(np.float32)
+    return (0.5 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 3000 * t)).astype(
+        np.float32
+    )
 
 
 def test_s16_clips_and_rounds():

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from chatterbox_sidecar.config import ConfigError, SidecarConfig
 
 
@@ -22,8 +21,14 @@ def test_defaults_match_the_deployment_guide():
 
 def test_values_are_read():
     config = SidecarConfig.from_env(
-        {"TTS_PORT": "9000", "TTS_ENGINE": "PIPER", "TTS_API_KEY": "k", "TTS_STREAMING": "false",
-         "TTS_CHUNK_SIZE": "12", "CUDA_VISIBLE_DEVICES": "0,1"}
+        {
+            "TTS_PORT": "9000",
+            "TTS_ENGINE": "PIPER",
+            "TTS_API_KEY": "k",
+            "TTS_STREAMING": "false",
+            "TTS_CHUNK_SIZE": "12",
+            "CUDA_VISIBLE_DEVICES": "0,1",
+        }
     )
     assert (config.port, config.engine, config.api_key) == (9000, "piper", "k")
     assert config.streaming is False and config.chunk_size == 12
@@ -54,7 +59,9 @@ def test_bad_value_stops_the_server_at_start(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "chatterbox_sidecar"],
         env={"PATH": "/usr/bin:/bin", "TTS_PORT": "not-a-port", "TTS_LOG_DIR": str(tmp_path)},
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert "TTS_PORT" in proc.stderr

@@ -42,9 +42,7 @@ async def test_ready_announces_engine_and_limits(sidecar):
 async def test_audio_says_the_words(sidecar, encoding, rate):
     text = "Please call me back tomorrow morning about the unpaid invoice."
     async with await TTSClient.connect(sidecar.url) as client:
-        result = await client.synthesize(
-            text, context_id="c1", sample_rate=rate, encoding=encoding
-        )
+        result = await client.synthesize(text, context_id="c1", sample_rate=rate, encoding=encoding)
     assert result.started["sample_rate"] == rate
     assert result.started["encoding"] == encoding
     assert result.end["type"] == "done"
@@ -75,8 +73,12 @@ async def test_continued_context_is_one_utterance(sidecar):
 async def test_first_audio_comes_before_the_flush(sidecar):
     async with await TTSClient.connect(sidecar.url) as client:
         await client.send(
-            {"type": "synthesize", "text": "First sentence is complete. ", "context_id": "a",
-             "continue": True}
+            {
+                "type": "synthesize",
+                "text": "First sentence is complete. ",
+                "context_id": "a",
+                "continue": True,
+            }
         )
         started = await client.recv_json()
         assert started["type"] == "started"
@@ -99,12 +101,19 @@ async def test_server_assigns_context_id(sidecar):
 async def test_started_echoes_parameters(sidecar):
     async with await TTSClient.connect(sidecar.url) as client:
         result = await client.synthesize(
-            "Echo.", context_id="p", exaggeration=0.9, cfg_weight=0.3, temperature=0.6, seed=7,
+            "Echo.",
+            context_id="p",
+            exaggeration=0.9,
+            cfg_weight=0.3,
+            temperature=0.6,
+            seed=7,
             streaming=False,
         )
     started = result.started
     assert (started["exaggeration"], started["cfg_weight"], started["temperature"]) == (
-        0.9, 0.3, 0.6,
+        0.9,
+        0.3,
+        0.6,
     )
     assert started["seed"] == 7
     assert started["streaming"] is False
@@ -117,8 +126,11 @@ async def test_contexts_are_delivered_in_opening_order(sidecar):
         await client.send({"type": "synthesize", "text": "Second.", "context_id": "second"})
         await client.send({"type": "synthesize", "text": "Third one.", "context_id": "third"})
         results = await client.collect(3)
-        order = [m["context_id"] for m in client.messages
-                 if isinstance(m, dict) and m["type"] == "started"]
+        order = [
+            m["context_id"]
+            for m in client.messages
+            if isinstance(m, dict) and m["type"] == "started"
+        ]
     assert order == ["first", "second", "third"]
     assert all(r.end["type"] == "done" for r in results.values())
 
@@ -202,11 +214,9 @@ BAD_MESSAGES = [
     ('{"type": "synthesize", "text": "hi", "voice_id": "ghost"}', "voice_not_found"),
     ('{"type": "cancel"}', "invalid_request"),
     ('{"type": "flush", "context_id": 3}', "invalid_request"),
-    ('{"type": "register_voice", "voice_id": "../../x", "reference_audio": ""}',
-     "invalid_request"),
+    ('{"type": "register_voice", "voice_id": "../../x", "reference_audio": ""}', "invalid_request"),
     ('{"type": "register_voice", "voice_id": "v", "reference_audio": "***"}', "invalid_audio"),
-    ('{"type": "register_voice", "voice_id": "v", "reference_audio": "aGVsbG8="}',
-     "invalid_audio"),
+    ('{"type": "register_voice", "voice_id": "v", "reference_audio": "aGVsbG8="}', "invalid_audio"),
     ('{"type": "delete_voice", "voice_id": "ghost"}', "voice_not_found"),
     ('{"type": "delete_voice", "voice_id": "default"}', "invalid_request"),
 ]
@@ -237,10 +247,12 @@ async def test_text_limits(sidecar):
         )
         assert reply["code"] == "text_too_long" and reply["context_id"] == "big"
         # a continued context that grows past the limit ends with text_too_long
-        await client.send({"type": "synthesize", "text": "Hello. ", "context_id": "grow",
-                           "continue": True})
-        await client.send({"type": "synthesize", "text": "b" * 19_999, "context_id": "grow",
-                           "continue": True})
+        await client.send(
+            {"type": "synthesize", "text": "Hello. ", "context_id": "grow", "continue": True}
+        )
+        await client.send(
+            {"type": "synthesize", "text": "b" * 19_999, "context_id": "grow", "continue": True}
+        )
         results = await client.collect(1)
         assert results["grow"].end["code"] == "text_too_long"
         assert (await client.synthesize("Next.", context_id="ok")).end["type"] == "done"
@@ -293,8 +305,9 @@ async def test_eight_clients_at_once_each_get_their_own_audio(sidecar):
         heard = transcribe(result.audio(), 24000)
         assert word_error_rate(text, heard) <= 0.3, (text, heard)
         # each client got its own sentence, not a neighbour's
-        assert word_error_rate(text, heard) < min(word_error_rate(t, heard) for t in texts
-                                                  if t != text)
+        assert word_error_rate(text, heard) < min(
+            word_error_rate(t, heard) for t in texts if t != text
+        )
 
 
 async def test_voice_registration_is_stored_listed_and_survives_restart(sidecar_factory):
@@ -302,22 +315,32 @@ async def test_voice_registration_is_stored_listed_and_survives_restart(sidecar_
     wav = _wav(4.0, rate=44100, channels=2)
     async with await TTSClient.connect(sidecar.url) as client:
         reply = await client.request(
-            {"type": "register_voice", "voice_id": "alice",
-             "reference_audio": base64.b64encode(wav).decode()},
+            {
+                "type": "register_voice",
+                "voice_id": "alice",
+                "reference_audio": base64.b64encode(wav).decode(),
+            },
             ("voice_registered", "error"),
         )
         assert reply["type"] == "voice_registered", reply
         assert reply["voice"]["duration_s"] == pytest.approx(4.0, abs=0.01)
         for seconds, code in ((1.0, "invalid_audio"), (31.0, "invalid_audio")):
             bad = await client.request(
-                {"type": "register_voice", "voice_id": "short",
-                 "reference_audio": base64.b64encode(_wav(seconds)).decode()},
+                {
+                    "type": "register_voice",
+                    "voice_id": "short",
+                    "reference_audio": base64.b64encode(_wav(seconds)).decode(),
+                },
                 "error",
             )
             assert bad["code"] == code and "s" in bad["message"]
         reserved = await client.request(
-            {"type": "register_voice", "voice_id": "default",
-             "reference_audio": base64.b64encode(wav).decode()}, "error"
+            {
+                "type": "register_voice",
+                "voice_id": "default",
+                "reference_audio": base64.b64encode(wav).decode(),
+            },
+            "error",
         )
         assert reserved["code"] == "invalid_request"
         # piper stores the voice but will not pretend to speak with it
@@ -336,8 +359,9 @@ async def test_voice_registration_is_stored_listed_and_survives_restart(sidecar_
         listed = await client.request({"type": "list_voices"}, "voices")
         ids = [v["voice_id"] for v in listed["voices"]]
         assert ids == ["default", "alice"]
-        gone = await client.request({"type": "delete_voice", "voice_id": "alice"},
-                                    ("voice_deleted", "error"))
+        gone = await client.request(
+            {"type": "delete_voice", "voice_id": "alice"}, ("voice_deleted", "error")
+        )
         assert gone == {"type": "voice_deleted", "voice_id": "alice"}
         again = await client.request({"type": "delete_voice", "voice_id": "alice"}, "error")
         assert again["code"] == "voice_not_found"
@@ -350,7 +374,9 @@ async def test_http_routes(sidecar):
     assert sidecar.get_json("/health/live")[0] == 200
     status, voices = sidecar.get_json("/v1/voices")
     assert status == 200 and voices["voices"][0]["voice_id"] == "default"
-    status, body, headers = sidecar.get("/v1/synthesize?text=Good%20morning%20everyone.&sample_rate=16000")
+    status, body, headers = sidecar.get(
+        "/v1/synthesize?text=Good%20morning%20everyone.&sample_rate=16000"
+    )
     assert status == 200 and headers["Content-Type"] == "audio/wav"
     audio, rate = sf.read(io.BytesIO(body), dtype="float32")
     assert rate == 16000

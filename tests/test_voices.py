@@ -9,7 +9,6 @@ import os
 import numpy as np
 import pytest
 import soundfile as sf
-
 from chatterbox_sidecar.voices import VoiceError, VoiceStore, validate_reference_wav
 
 

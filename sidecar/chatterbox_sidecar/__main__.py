@@ -17,13 +17,23 @@ from chatterbox_sidecar.server import run_until_stopped
 from chatterbox_sidecar.voices import VoiceStore
 
 
-async def _serve(config: SidecarConfig) -> None:
-    stop = asyncio.Event()
+async def _serve(config: SidecarConfig) -> int:
+    stop = asyncio.Event()  # first signal: drain, then exit
+    force = asyncio.Event()  # second signal: exit now
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            logger.warning(f"{sig.name} again: stopping without waiting")
+            force.set()
+        else:
+            logger.info(f"{sig.name}: draining (send it again to stop at once)")
+            stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     app = App(config, create_engine(config), VoiceStore(config.voices_dir))
-    await run_until_stopped(app, stop)
+    return await run_until_stopped(app, stop, force)
 
 
 def main() -> None:
@@ -36,11 +46,12 @@ def main() -> None:
     setup_logging(config)
     logger.info(f"chatterbox-sidecar {__version__} starting (engine={config.engine})")
     try:
-        asyncio.run(_serve(config))
+        status = asyncio.run(_serve(config))
     except ImportError as e:
         logger.error(f"{e}")
         sys.exit(3)
-    logger.info("chatterbox-sidecar stopped")
+    logger.info(f"chatterbox-sidecar stopped (exit {status})")
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from chatterbox_sidecar.voices import (
     validate_reference_wav,
 )
 
+ENGINE_FAILURES_UNHEALTHY = 3  # consecutive failed contexts before /health stops saying ready
+
 
 class App:
     """One sidecar process's engine, voices, metrics and readiness."""
@@ -45,6 +47,14 @@ class App:
         self.ready = asyncio.Event()
         self.load_error: str | None = None
         self.started_at = time.time()
+        self.draining = False
+        self.contexts: set = set()  # every open context of every connection
+        self.metrics.queued_chunks.set_function(
+            lambda: sum(ctx.audio.qsize() for ctx in self.contexts)
+        )
+        self.max_active_contexts = config.max_active_contexts or 8 * engine.info.max_concurrency
+        self.engine_failures = 0  # consecutive contexts the engine failed
+        self.last_engine_error: str | None = None
 
     async def start_engine(self) -> None:
         """Load and warm up the engine; readiness follows success."""
@@ -78,15 +88,51 @@ class App:
             "limits": self.config.limits(),
         }
 
+    @property
+    def healthy(self) -> bool:
+        """Returns: whether the sidecar should take new work (the readiness probe)."""
+        return (
+            self.ready.is_set()
+            and not self.draining
+            and self.engine_failures < ENGINE_FAILURES_UNHEALTHY
+        )
+
     def health(self) -> dict:
         """Returns: the health document served at ``/health``."""
+        if self.load_error:
+            status = "failed"
+        elif not self.ready.is_set():
+            status = "loading"
+        elif self.draining:
+            status = "draining"
+        elif self.engine_failures >= ENGINE_FAILURES_UNHEALTHY:
+            status = "degraded"
+        else:
+            status = "ready"
         return {
-            "status": "ready" if self.ready.is_set() else ("failed" if self.load_error else "loading"),
+            "status": status,
             "engine": self.engine.info.name,
             "version": __version__,
             "uptime_s": round(time.time() - self.started_at, 1),
-            "error": self.load_error,
+            "active_contexts": len(self.contexts),
+            "consecutive_engine_failures": self.engine_failures,
+            "error": self.load_error or (self.last_engine_error if self.engine_failures else None),
         }
+
+    def record_engine_outcome(self, error: str | None) -> None:
+        """Track whether the engine keeps failing, for ``/health``.
+
+        Args:
+            error: None after a context the engine completed, else what went wrong.
+        """
+        if error is None:
+            self.engine_failures = 0
+            return
+        self.engine_failures += 1
+        self.last_engine_error = error
+        self.metrics.engine_errors.inc()
+        if self.engine_failures == ENGINE_FAILURES_UNHEALTHY:
+            logger.error(f"Engine failed {self.engine_failures} contexts in a row: {error}")
 
     def list_voices(self) -> list[dict]:
         """Returns: the default voice and every registered voice, as listed to clients."""

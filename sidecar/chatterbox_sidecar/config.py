@@ -48,6 +48,13 @@ class SidecarConfig:
         device: Torch device for the chatterbox engine (``TTS_DEVICE``).
         flow_steps: S3Gen flow-matching steps (``TTS_FLOW_STEPS``).
         piper_model: Piper ``.onnx`` voice, or None for the bundled one (``TTS_PIPER_MODEL``).
+        max_active_contexts: Contexts open across all connections before new ones get ``busy``;
+            0 for 8 per engine slot (``TTS_MAX_ACTIVE_CONTEXTS``).
+        drain_seconds: On SIGTERM, how long in-flight contexts may finish (``TTS_DRAIN_SECONDS``).
+        stall_seconds: A client that takes longer to accept audio is cut off
+            (``TTS_STALL_SECONDS``).
+        idle_seconds: A connection with no open context and no message for this long is closed
+            (``TTS_IDLE_SECONDS``).
     """
 
     host: str = "0.0.0.0"
@@ -71,6 +78,10 @@ class SidecarConfig:
     device: str = "auto"
     flow_steps: int = 10
     piper_model: Path | None = None
+    max_active_contexts: int = 0
+    drain_seconds: float = 30.0
+    stall_seconds: float = 10.0
+    idle_seconds: float = 300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SidecarConfig:
@@ -111,6 +122,10 @@ class SidecarConfig:
             device=r.str("TTS_DEVICE", "auto"),
             flow_steps=r.int("TTS_FLOW_STEPS", 10, 1, 100),
             piper_model=r.path("TTS_PIPER_MODEL", None),
+            max_active_contexts=r.int("TTS_MAX_ACTIVE_CONTEXTS", 0, 0, 1_000_000),
+            drain_seconds=r.float("TTS_DRAIN_SECONDS", 30.0, 0.0, 3600.0),
+            stall_seconds=r.float("TTS_STALL_SECONDS", 10.0, 0.1, 3600.0),
+            idle_seconds=r.float("TTS_IDLE_SECONDS", 300.0, 1.0, 86400.0),
         )
         _check_cuda_visible_devices(env.get("CUDA_VISIBLE_DEVICES"))
         if config.host.strip() == "":
@@ -121,7 +136,7 @@ class SidecarConfig:
             raise ConfigError(f"TTS_MODEL_DIR: no such folder: {config.model_dir}")
         return config
 
-    def limits(self) -> dict[str, int]:
+    def limits(self) -> dict[str, float]:
         """Returns: the limits the server enforces, as announced in ``ready.limits``."""
         return {
             "max_text_chars": self.max_text_chars,
@@ -129,6 +144,8 @@ class SidecarConfig:
             "max_contexts_per_connection": self.max_contexts_per_connection,
             "min_reference_seconds": 3,
             "max_reference_seconds": 30,
+            "idle_timeout_seconds": self.idle_seconds,
+            "stall_timeout_seconds": self.stall_seconds,
         }
 
 
@@ -154,6 +171,18 @@ class _Reader:
             raise ConfigError(f"{name} must be an integer, got {value!r}") from None
         if not low <= number <= high:
             raise ConfigError(f"{name} must be between {low} and {high}, got {number}")
+        return number
+
+    def float(self, name: str, default: float, low: float, high: float) -> float:
+        value = self._raw(name)
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        if not low <= number <= high:
+            raise ConfigError(f"{name} must be between {low:g} and {high:g}, got {number:g}")
         return number
 
     def bool(self, name: str, default: bool) -> bool:

@@ -63,6 +63,19 @@ class Metrics:
         self.errors = Counter(
             "tts_errors_total", "Error messages sent, by code", ["code"], registry=r
         )
+        self.engine_errors = Counter(
+            "tts_engine_errors_total", "Contexts the engine failed", registry=r
+        )
+        self.stalls = Counter(
+            "tts_stalled_clients_total",
+            "Connections closed because the client stopped reading audio",
+            registry=r,
+        )
+        self.queued_chunks = Gauge(
+            "tts_queued_audio_chunks",
+            "Encoded audio chunks generated and waiting for delivery, all connections",
+            registry=r,
+        )
         self.voices = Counter(
             "tts_voice_operations_total",
             "Voice registrations and deletions, by operation",

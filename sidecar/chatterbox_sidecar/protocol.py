@@ -144,7 +144,11 @@ class _Fields:
         value = self._obj.get(name)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
             raise self._fail(f"'{name}' must be a number")
         if not low <= value <= high:
             raise self._fail(f"'{name}' must be between {low:g} and {high:g}")
@@ -246,7 +250,9 @@ def _parse_synthesize(fields: _Fields) -> Synthesize:
         cfg_weight=fields.number("cfg_weight", 0.5, 0.0, 2.0),
         temperature=fields.number("temperature", 0.8, 0.05, 5.0),
         seed=fields.int("seed", None, 0, 2**32 - 1),
-        sample_rate=fields.int("sample_rate", DEFAULT_SAMPLE_RATE, MIN_SAMPLE_RATE, MAX_SAMPLE_RATE),
+        sample_rate=fields.int(
+            "sample_rate", DEFAULT_SAMPLE_RATE, MIN_SAMPLE_RATE, MAX_SAMPLE_RATE
+        ),
         encoding=encoding,
     )
 

@@ -66,6 +66,7 @@ class SidecarServer:
         """
         self._app = app
         self._connections = 0
+        self._sessions: set[Session] = set()
         self._server: Server | None = None
 
     @property
@@ -129,7 +130,10 @@ class SidecarServer:
             return self._admit(connection)
         if path == "/metrics":
             return _response(
-                connection, HTTPStatus.OK, self._app.metrics.render(), self._app.metrics.content_type
+                connection,
+                HTTPStatus.OK,
+                self._app.metrics.render(),
+                self._app.metrics.content_type,
             )
         if path == "/v1/voices":
             return _json(connection, HTTPStatus.OK, {"voices": self._app.list_voices()})
@@ -140,11 +144,15 @@ class SidecarServer:
     def _health(self, connection: ServerConnection, path: str) -> Response:
         if path == "/health/live":
             return _json(connection, HTTPStatus.OK, {"status": "live"})
-        ok = self._app.ready.is_set()
-        status = HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE
+        status = HTTPStatus.OK if self._app.healthy else HTTPStatus.SERVICE_UNAVAILABLE
         return _json(connection, status, self._app.health())
 
     def _admit(self, connection: ServerConnection) -> Response | None:
+        if self._app.draining:
+            self._app.metrics.connections_rejected.labels("draining").inc()
+            return _error(
+                connection, HTTPStatus.SERVICE_UNAVAILABLE, "busy", "the server is shutting down"
+            )
         if not self._app.ready.is_set():
             self._app.metrics.connections_rejected.labels("not_ready").inc()
             return _error(
@@ -167,7 +175,9 @@ class SidecarServer:
     ) -> Response:
         app = self._app
         if not app.ready.is_set():
-            return _error(connection, HTTPStatus.SERVICE_UNAVAILABLE, "not_ready", "engine is loading")
+            return _error(
+                connection, HTTPStatus.SERVICE_UNAVAILABLE, "not_ready", "engine is loading"
+            )
         text = query.get("text", [""])[0]
         voice_id = query.get("voice_id", ["default"])[0]
         try:
@@ -175,15 +185,21 @@ class SidecarServer:
         except ValueError:
             sample_rate = -1
         if not text.strip():
-            return _error(connection, HTTPStatus.BAD_REQUEST, "invalid_request", "'text' is required")
+            return _error(
+                connection, HTTPStatus.BAD_REQUEST, "invalid_request", "'text' is required"
+            )
         if len(text) > app.config.max_text_chars:
             return _error(
-                connection, HTTPStatus.BAD_REQUEST, "text_too_long",
+                connection,
+                HTTPStatus.BAD_REQUEST,
+                "text_too_long",
                 f"text exceeds {app.config.max_text_chars} characters",
             )
         if not protocol.MIN_SAMPLE_RATE <= sample_rate <= protocol.MAX_SAMPLE_RATE:
             return _error(
-                connection, HTTPStatus.BAD_REQUEST, "invalid_request",
+                connection,
+                HTTPStatus.BAD_REQUEST,
+                "invalid_request",
                 "'sample_rate' must be an integer from 8000 to 48000",
             )
         if not VOICE_ID_PATTERN.match(voice_id):
@@ -198,22 +214,25 @@ class SidecarServer:
         return _response(connection, HTTPStatus.OK, wav, "audio/wav")
 
     async def _handle(self, connection: ServerConnection) -> None:
-        peer = "%s:%s" % connection.remote_address[:2]
+        host, port = connection.remote_address[:2]
+        peer = f"{host}:{port}"
         app = self._app
         app.metrics.connections_open.inc()
-        session = Session(app, connection.send, peer)
+
+        async def close(code: int, reason: str) -> None:
+            await connection.close(code, reason)
+
+        session = Session(app, connection.send, close, peer)
+        self._sessions.add(session)
         logger.info(f"{session}: connected")
         t0 = time.perf_counter()
         try:
             await session.send_json(app.ready_message())
-            async for frame in connection:
-                if isinstance(frame, str):
-                    await session.handle_text(frame)
-                else:
-                    await session.handle_binary()
+            await self._receive(connection, session)
         except ConnectionClosed:
             pass
         finally:
+            self._sessions.discard(session)
             await session.close()
             self._connections -= 1
             app.metrics.connections_open.dec()
@@ -222,21 +241,75 @@ class SidecarServer:
                 f"(code {connection.close_code})"
             )
 
+    async def _receive(self, connection: ServerConnection, session: Session) -> None:
+        idle = self._app.config.idle_seconds
+        last_activity = time.monotonic()
+        while True:
+            try:
+                # cancelling recv() is safe in websockets: no frame is lost
+                frame = await asyncio.wait_for(connection.recv(), timeout=idle)
+            except TimeoutError:
+                if session.has_open_contexts or time.monotonic() - last_activity < idle:
+                    continue
+                logger.info(f"{session}: idle for {idle:g} s, closing")
+                await connection.close(1000, "idle timeout")
+                return
+            last_activity = time.monotonic()
+            if isinstance(frame, str):
+                await session.handle_text(frame)
+            else:
+                await session.handle_binary()
 
-async def run_until_stopped(app: App, stop: asyncio.Event) -> None:
-    """Serve until ``stop`` is set, loading the engine in the background.
+    async def drain(self, deadline_s: float, force: asyncio.Event) -> None:
+        """Stop taking new work and wait for in-flight contexts to finish.
+
+        Args:
+            deadline_s: Longest wait.
+            force: Set to stop waiting at once (a second SIGTERM).
+        """
+        self._app.draining = True
+        logger.info(
+            f"Draining: {len(self._app.contexts)} open contexts on {len(self._sessions)} "
+            f"connections, up to {deadline_s:g} s"
+        )
+        deadline = time.monotonic() + deadline_s
+        while self._app.contexts and time.monotonic() < deadline and not force.is_set():
+            try:
+                await asyncio.wait_for(force.wait(), timeout=0.1)
+            except TimeoutError:
+                pass
+        if self._app.contexts:
+            logger.warning(f"Drain ended with {len(self._app.contexts)} contexts still open")
+
+
+async def run_until_stopped(
+    app: App, stop: asyncio.Event, force: asyncio.Event | None = None
+) -> int:
+    """Serve until ``stop`` is set, loading the engine in the background, then drain and close.
 
     Args:
         app: The sidecar app.
-        stop: Set to shut down.
+        stop: Set to shut down gracefully (SIGTERM).
+        force: Set to cut the drain short (a second SIGTERM).
+
+    Returns:
+        The process exit status: 0, or 1 if the engine failed to load.
     """
+    force = force or asyncio.Event()
     server = SidecarServer(app)
     await server.start()
     loader = asyncio.create_task(app.start_engine(), name="engine-load")
+    stopper = asyncio.create_task(stop.wait())
     try:
-        await stop.wait()
+        await asyncio.wait({loader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if loader.done() and loader.exception() is not None:
+            return 1
+        await stopper
+        await server.drain(app.config.drain_seconds, force)
+        return 0
     finally:
+        stopper.cancel()
         loader.cancel()
         await server.close()
         await app.engine.close()
-        await asyncio.gather(loader, return_exceptions=True)
+        await asyncio.gather(loader, stopper, return_exceptions=True)

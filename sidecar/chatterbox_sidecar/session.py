@@ -38,6 +38,7 @@ AUDIO_QUEUE_CHUNKS = 64  # encoded chunks a context may hold before its generati
 ENDED_IDS_REMEMBERED = 4096
 
 Send = Callable[[str | bytes], Awaitable[None]]
+CloseConnection = Callable[[int, str], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -164,16 +165,18 @@ class Context:
 class Session:
     """The protocol state machine of one websocket connection."""
 
-    def __init__(self, app: App, send: Send, peer: str = "?"):
+    def __init__(self, app: App, send: Send, close: CloseConnection, peer: str = "?"):
         """Initialize the session.
 
         Args:
             app: The sidecar.
             send: Sends one frame (text or binary) to the client.
+            close: Closes the connection with a code and reason.
             peer: The client's address, for logs.
         """
         self._app = app
         self._send = send
+        self._close = close
         self._peer = peer
         self._contexts: dict[str, Context] = {}
         self._ended: OrderedDict[str, None] = OrderedDict()
@@ -184,6 +187,11 @@ class Session:
 
     def __str__(self) -> str:
         return f"Session({self._peer})"
+
+    @property
+    def has_open_contexts(self) -> bool:
+        """Returns: whether any context of this connection is still open."""
+        return bool(self._contexts)
 
     async def send_json(self, message: dict) -> None:
         """Send a server message, counting errors in the metrics.
@@ -243,6 +251,16 @@ class Session:
                 raise ProtocolError(
                     "invalid_request", f"context '{context_id}' has already ended", context_id
                 )
+            if app.draining:
+                raise ProtocolError(
+                    "busy", "the server is shutting down; open a new connection", context_id
+                )
+            if len(app.contexts) >= app.max_active_contexts:
+                raise ProtocolError(
+                    "busy",
+                    f"the server is at capacity ({app.max_active_contexts} open contexts)",
+                    context_id,
+                )
             if len(self._contexts) >= app.config.max_contexts_per_connection:
                 raise ProtocolError(
                     "busy",
@@ -264,6 +282,7 @@ class Session:
             )
             ctx = Context(context_id, msg, params, voice, app)
             self._contexts[context_id] = ctx
+            app.contexts.add(ctx)
             app.metrics.contexts_open.inc()
             ctx.start()
             self._delivery.put_nowait(ctx)
@@ -303,6 +322,7 @@ class Session:
         if self._contexts.pop(ctx.context_id, None) is None:
             return
         self._ended[ctx.context_id] = None
+        self._app.contexts.discard(ctx)
         while len(self._ended) > ENDED_IDS_REMEMBERED:
             self._ended.popitem(last=False)
         metrics = self._app.metrics
@@ -332,6 +352,8 @@ class Session:
                     self._finish(ctx, "cancelled")
                     await self.send_json(protocol.cancelled(ctx.context_id))
                 else:
+                    if item.code == "engine_error":
+                        self._app.record_engine_outcome(item.message)
                     self._finish(ctx, "error")
                     await self.send_json(protocol.error(item.code, item.message, ctx.context_id))
                 return
@@ -347,9 +369,10 @@ class Session:
             if ttfb_ms is None:
                 ttfb_ms = (time.perf_counter() - ctx.opened_at) * 1000
                 self._app.metrics.ttfa.observe(ttfb_ms / 1000)
-            await self._send(item)
+            await self._send_audio(ctx, item)
             sent_bytes += len(item)
         audio_seconds = sent_bytes / bytes_per_sample / ctx.request.sample_rate
+        self._app.record_engine_outcome(None)
         self._finish(ctx, "done")
         metrics = self._app.metrics
         metrics.audio_seconds.inc(audio_seconds)
@@ -360,12 +383,32 @@ class Session:
             f"{self}: done {ctx.context_id} audio={audio_seconds:.2f}s ttfb={ttfb_ms or 0:.0f}ms"
         )
 
+    async def _send_audio(self, ctx: Context, data: bytes) -> None:
+        """Send one audio frame; a client that does not take it in time is cut off."""
+        try:
+            await asyncio.wait_for(self._send(data), self._app.config.stall_seconds)
+        except TimeoutError:
+            self._app.metrics.stalls.inc()
+            logger.warning(
+                f"{self}: client stopped reading audio of {ctx.context_id} for "
+                f"{self._app.config.stall_seconds:g} s; closing the connection"
+            )
+            message = "client stopped reading audio; context cancelled"
+            ctx.cancel()
+            self._finish(ctx, "error")
+            self._app.metrics.errors.labels("stalled").inc()
+            self._spawn(self._close(1008, "client stopped reading audio"))
+            raise ConnectionAbortedError(message) from None
+
     async def _voice_operation(self, msg: RegisterVoice | DeleteVoice) -> None:
         try:
             if isinstance(msg, RegisterVoice):
                 voice = await self._app.register_voice(msg.voice_id, msg.reference_audio)
-                reply = {"type": "voice_registered", "voice_id": voice.voice_id,
-                         "voice": voice.describe()}
+                reply = {
+                    "type": "voice_registered",
+                    "voice_id": voice.voice_id,
+                    "voice": voice.describe(),
+                }
             else:
                 await self._app.delete_voice(msg.voice_id)
                 reply = {"type": "voice_deleted", "voice_id": msg.voice_id}
@@ -389,15 +432,15 @@ class Session:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(
-            self._deliverer, *self._tasks, *(c.wait_generation() for c in contexts),
+            self._deliverer,
+            *self._tasks,
+            *(c.wait_generation() for c in contexts),
             return_exceptions=True,
         )
 
 
 def _too_long(context_id: str, limit: int) -> ProtocolError:
-    return ProtocolError(
-        "text_too_long", f"context text exceeds {limit} characters", context_id
-    )
+    return ProtocolError("text_too_long", f"context text exceeds {limit} characters", context_id)
 
 
 def _describe(message: ClientMessage) -> str:

@@ -182,11 +182,15 @@ def validate_reference_wav(data: bytes) -> ReferenceAudio:
     try:
         info = sf.info(io.BytesIO(data))
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise VoiceError("invalid_audio", f"reference_audio is not a readable WAV file: {e}")
+        raise VoiceError(
+            "invalid_audio", f"reference_audio is not a readable WAV file: {e}"
+        ) from None
     if info.format != "WAV" and info.format != "WAVEX":
         raise VoiceError("invalid_audio", f"reference_audio must be WAV, got {info.format}")
     if info.channels not in (1, 2):
-        raise VoiceError("invalid_audio", f"reference_audio must be mono or stereo, got {info.channels} channels")
+        raise VoiceError(
+            "invalid_audio", f"reference_audio must be mono or stereo, got {info.channels} channels"
+        )
     if info.samplerate <= 0 or info.frames <= 0:
         raise VoiceError("invalid_audio", "reference_audio holds no samples")
     duration = info.frames / info.samplerate
@@ -199,7 +203,7 @@ def validate_reference_wav(data: bytes) -> ReferenceAudio:
     try:  # sf.info reads only the header: decode the samples too, so truncated files fail here
         sf.read(io.BytesIO(data), dtype="float32")
     except (sf.LibsndfileError, RuntimeError) as e:
-        raise VoiceError("invalid_audio", f"reference_audio cannot be decoded: {e}")
+        raise VoiceError("invalid_audio", f"reference_audio cannot be decoded: {e}") from None
     return ReferenceAudio(data, duration, info.samplerate, info.channels)
 
 

