@@ -131,7 +131,7 @@ class PiperEngine(Engine):
             yield audio
 
     async def prepare_voice(self, voice: Voice) -> None:
-        """Nothing to prepare: piper stores cloned voices (for a GPU sidecar) but cannot speak them."""
+        """Nothing to prepare: piper stores cloned voices but cannot speak them."""
 
     async def close(self) -> None:
         """Stop the worker threads."""
