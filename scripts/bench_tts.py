@@ -7,6 +7,10 @@ the server's own ``ttfb_ms``, the audio duration, and the real-time factor (wall
 utterance over its audio duration). Prints a table and, with --json, writes the raw results.
 
     python scripts/bench_tts.py --url ws://localhost:8002/v1/stream/tts --streams 1,4,8 --rounds 5
+
+Soak mode (--soak-clients N --soak-seconds M): N clients loop for M seconds with random cancels
+and abrupt disconnects; it checks that every context ends in done, cancelled or a stated error
+and that every done announces exactly the audio it delivered. Exit status 1 if not.
 """
 
 from __future__ import annotations
@@ -119,7 +123,127 @@ async def run_level(args, streams: int) -> dict:
     }
 
 
-async def main() -> None:
+async def soak_client(args, index: int, deadline: float, stats: dict, rng) -> None:
+    """Loop until the deadline: open contexts, sometimes cancel or vanish mid-stream."""
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+    while time.perf_counter() < deadline:
+        try:
+            ws = await connect(args.url, additional_headers=headers, max_size=None)
+        except Exception as e:  # refused at admission (503) counts, then retry
+            stats["connect_refused"] += 1
+            stats["refusals"].append(str(e)[:80])
+            await asyncio.sleep(0.5)
+            continue
+        vanished = False
+        try:
+            json.loads(await ws.recv())
+            while time.perf_counter() < deadline and not vanished:
+                cid = f"k{index}-{uuid.uuid4().hex[:8]}"
+                text = " ".join(rng.sample(TEXTS, rng.randint(1, 3)))
+                action = rng.random()
+                stats["opened"] += 1
+                await ws.send(
+                    json.dumps(
+                        {
+                            "type": "synthesize",
+                            "text": text,
+                            "context_id": cid,
+                            "encoding": args.encoding,
+                            "sample_rate": args.sample_rate,
+                        }
+                    )
+                )
+                n_bytes, got_audio, end = 0, False, None
+                while end is None:
+                    frame = await asyncio.wait_for(ws.recv(), args.context_timeout)
+                    if isinstance(frame, bytes):
+                        n_bytes += len(frame)
+                        if not got_audio:
+                            got_audio = True
+                            if action < args.cancel_rate:
+                                await ws.send(json.dumps({"type": "cancel", "context_id": cid}))
+                            elif action < args.cancel_rate + args.disconnect_rate:
+                                ws.transport.abort()  # vanish mid-stream, no close handshake
+                                vanished = True
+                                stats["abandoned"] += 1
+                                break
+                        continue
+                    msg = json.loads(frame)
+                    if msg.get("context_id") == cid and msg["type"] in (
+                        "done",
+                        "cancelled",
+                        "error",
+                    ):
+                        end = msg
+                if end is None:
+                    continue
+                outcome = end["type"] if end["type"] != "error" else f"error:{end['code']}"
+                stats["outcomes"][outcome] = stats["outcomes"].get(outcome, 0) + 1
+                if end["type"] == "done":
+                    announced = end["audio_seconds"]
+                    received = n_bytes / BYTES_PER_SAMPLE[args.encoding] / args.sample_rate
+                    if abs(announced - received) > 1e-4:
+                        stats["length_mismatches"] += 1
+                if end["type"] == "error" and end["code"] == "busy":
+                    await asyncio.sleep(0.2)
+        except TimeoutError:
+            stats["lost"] += 1  # a context that never ended
+        except Exception as e:
+            if not vanished:
+                stats["connection_errors"].append(f"{type(e).__name__}: {e}"[:120])
+        finally:
+            await ws.close()
+
+
+async def soak(args) -> int:
+    import random
+
+    rng = random.Random(args.seed)
+    stats = {
+        "opened": 0,
+        "abandoned": 0,
+        "lost": 0,
+        "length_mismatches": 0,
+        "connect_refused": 0,
+        "outcomes": {},
+        "connection_errors": [],
+        "refusals": [],
+    }
+    deadline = time.perf_counter() + args.soak_seconds
+    await asyncio.gather(
+        *(
+            soak_client(args, i, deadline, stats, random.Random(rng.random()))
+            for i in range(args.soak_clients)
+        )
+    )
+    ended = sum(stats["outcomes"].values())
+    stats["ended"] = ended
+    stats["unaccounted"] = stats["opened"] - ended - stats["abandoned"] - stats["lost"]
+    stats["refusals"] = sorted(set(stats["refusals"]))[:5]
+    print(json.dumps(stats, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps(
+                {
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "machine": platform.platform(),
+                    "soak": stats,
+                },
+                indent=2,
+            )
+        )
+    bad = (
+        stats["lost"]
+        or stats["length_mismatches"]
+        or stats["unaccounted"]
+        or stats["connection_errors"]
+    )
+    return 1 if bad else 0
+
+
+async def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--url", default="ws://localhost:8002/v1/stream/tts")
     p.add_argument("--api-key", default=None)
@@ -130,7 +254,27 @@ async def main() -> None:
     p.add_argument("--streaming", default="server", choices=["on", "off", "server"])
     p.add_argument("--warmup", type=int, default=1, help="utterances before measuring")
     p.add_argument("--json", type=Path, default=None, help="write raw results here")
+    p.add_argument("--soak-clients", type=int, default=0, help="soak: N clients (0: benchmark)")
+    p.add_argument("--soak-seconds", type=float, default=60.0, help="soak: how long")
+    p.add_argument(
+        "--cancel-rate", type=float, default=0.15, help="soak: share of contexts cancelled"
+    )
+    p.add_argument(
+        "--disconnect-rate",
+        type=float,
+        default=0.05,
+        help="soak: share of contexts whose client vanishes mid-stream",
+    )
+    p.add_argument(
+        "--context-timeout",
+        type=float,
+        default=120.0,
+        help="soak: a context with no end after this long counts as lost",
+    )
+    p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
+    if args.soak_clients:
+        return await soak(args)
 
     if args.warmup:
         warm = argparse.Namespace(**{**vars(args), "rounds": args.warmup})

@@ -36,6 +36,7 @@ NORMALIZE_CASES = [
     ("$3,497", "three thousand four hundred and ninety-seven dollars"),
     ("$1.2 million", "one point two million dollars"),
     ("$10k", "ten thousand dollars"),
+    ("$100 bn", "one hundred billion dollars"),
     ("-$5", "minus five dollars"),
     ("$5-$10", "five dollars to ten dollars"),
     ("€5", "five euros"),
@@ -86,6 +87,12 @@ NORMALIZE_CASES = [
     ("2 + 2 = 4", "two plus two equals four"),
     ("#1 fan", "number one fan"),
     ("24/7", "twenty-four seven"),
+    ("1/2 cup", "one half cup"),
+    ("3/4 mile", "three quarters mile"),
+    ("$5/month", "five dollars per month"),
+    ("and/or", "and or"),
+    ("ratio 16:9", "ratio sixteen to nine"),
+    ("Call 1-800-555-1234", "Call one, eight zero zero, five five five, one two three four"),
     ("mail john.doe@example.com", "mail john dot doe at example dot com"),
     (
         "Visit https://example.com/docs/page-one?x=1.",
@@ -210,6 +217,12 @@ def test_newlines_split_markdown_but_not_wrapped_prose():
     assert stream(text) == split_text(text)
 
 
+def test_crlf_paragraphs_split_even_when_cut_between_pushes():
+    text = "First paragraph here\r\n\r\nSecond one"
+    assert split_text(text) == ["First paragraph here", "Second one"]
+    assert stream(text, [21, 2, 1]) == split_text(text)
+
+
 def test_first_segment_is_cut_at_first_long_enough_clause():
     text = "Well, I think that we should go now, because it is late. Later, when we rest, we talk."
     assert split_text(text) == [
@@ -318,9 +331,14 @@ plain_texts = st.lists(st.tuples(words, separators), min_size=1, max_size=150).m
 
 
 @settings(max_examples=150, deadline=None)
-@given(text=plain_texts, max_chars=st.integers(20, 120))
-def test_segments_fit_and_preserve_words(text, max_chars):
+@given(
+    text=plain_texts,
+    max_chars=st.integers(20, 120),
+    chunks=st.lists(st.integers(1, 10), max_size=100),
+)
+def test_segments_fit_and_preserve_words(text, max_chars, chunks):
     segments = split_text(text, max_chars=max_chars)
+    assert stream(text, chunks, max_chars=max_chars) == segments
     assert all(0 < len(s) <= max_chars for s in segments)
     assert all(s == s.strip() and re.search(r"\w", s) for s in segments)
     got = re.findall(r"[A-Za-z]+", " ".join(segments))

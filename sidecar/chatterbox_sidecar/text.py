@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from functools import lru_cache
 
 from num2words import num2words
 
@@ -174,6 +175,14 @@ def _phone(m: re.Match[str]) -> str:
     return ("plus " if m[0].startswith("+") else "") + groups
 
 
+def _fraction(m: re.Match[str]) -> str:
+    top, bottom = int(m[1]), int(m[2])
+    if top >= bottom:
+        return f"{m[1]} slash {m[2]}"
+    name = {2: "half", 4: "quarter"}.get(bottom) or _ordinal(m[2])
+    return f"{_cardinal(m[1])} {name if top == 1 else _plural_words(name).replace('fs', 'ves')}"
+
+
 def _unit(m: re.Match[str]) -> str:
     one, many = _UNITS[m["unit"]]
     return f"{m['num']} {one if m['num'] == '1' else many}"
@@ -194,7 +203,8 @@ _MONTH_RE = (
 _AMPM = r"(?P<ap>[AaPp])\.?[Mm](?:\.(?![\"')\]]*\s*$))?(?![A-Za-z])"
 _UNICODE = str.maketrans(
     {"‘": "'", "’": "'", "‚": "'", "‛": "'", "“": '"', "”": '"', "„": '"', "«": '"', "»": '"',
-     "\u00a0": " ", "\u2009": " ", "\u202f": " ", "−": "-", "…": "...", "\r": ""}
+     "\u00a0": " ", "\u2009": " ", "\u202f": " ", "−": "-", "\u2010": "-", "\u2011": "-",
+     "…": "...", "\r": ""}
 )  # fmt: skip
 
 
@@ -227,7 +237,7 @@ _RULES = _rules(
         0,
     ),
     (
-        r"(?<![\w+])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)\s?|\d{2,4}[\s.-])\d{3,4}[\s.-]\d{3,4}(?!\w)"
+        r"(?<![\w+])(?:\+\d{1,3}[\s.-]?|1[\s.-])?(?:\(\d{2,4}\)\s?|\d{2,4}[\s.-])\d{3,4}[\s.-]\d{3,4}(?!\w)"
         r"|(?<![\w+-])\d{3}-\d{4}(?![\w-])",
         _phone,
         0,
@@ -241,7 +251,7 @@ _RULES = _rules(
     (r"(?<![\w.,:-])(\d+(?:\.\d+)?)-(?=[$€£¥]?\d+(?:\.\d+)?(?![\w:-]))", r"\1 to ", 0),
     (
         r"(?P<neg>-)?(?P<sym>[$€£¥])\s?(?P<whole>\d{1,3}(?:,\d{3})+|\d+)(?:\.(?P<frac>\d+))?"
-        r"(?P<scale>\s(?:thousand|million|billion|trillion)\b|(?:k|K|m|M|bn|B)\b)?",
+        r"(?P<scale>\s(?:thousand|million|billion|trillion|bn)\b|(?:k|K|m|M|bn|B)\b)?",
         _currency,
         0,
     ),
@@ -259,6 +269,7 @@ _RULES = _rules(
         0,
     ),
     (rf"(?<![\d:.,])(?P<h>1[0-2]|0?[1-9])(?P<m>)(?P<s>)\s?{_AMPM}", _time, 0),
+    (r"(?<![\d:.,])(\d+):(\d+)(?![\d:])", r"\1 to \2", 0),  # ratios and scores: "16:9"
     (r"(?<![\w.,])(\d{1,3}(?:,\d{3})+|\d+)(?:st|nd|rd|th)\b", lambda m: _ordinal(m[1]), re.I),
     (
         r"(?<![\w.])(?P<abbr>Mrs|Mr|Ms|Dr|Prof|Jr|Sr|Mt|St|vs|etc|e\.g|i\.e|approx|cf|Dept)\."
@@ -289,7 +300,10 @@ _RULES = _rules(
     (r"(?<=\d)\s*[×*]\s*(?=\d)", " times ", 0),
     (r"~\s*(?=\d)", "about ", 0),
     (r"\b24/7\b", "twenty-four seven", 0),
+    (r"(?<![\d/])([1-9])/([2-9]|1[0-6])(?![\d/])", _fraction, 0),
     (r"(?<=\d)/(?=\d)", " slash ", 0),
+    (r"\s*/\s*(?=(?:second|minute|hour|day|week|month|year|person|unit)s?\b)", " per ", 0),
+    (r"(?<=[A-Za-z])/(?=[A-Za-z])", " ", 0),  # "and/or"
     (r"\s*@\s*", " at ", 0),
     (r"°", " degrees", 0),
     (r"%", " percent", 0),
@@ -342,13 +356,15 @@ def normalize_text(text: str) -> str:
 
 # --------------------------------------------------------------------------- segmentation
 
+_normalize = lru_cache(maxsize=256)(normalize_text)  # a segment is measured, then emitted
+
 _BOUNDARY = re.compile(r"[.!?…]+[\"'”’)\]»]*|\n")
 _CLAUSE = re.compile(r"[,;:][\"'”’)\]]*(?=\s)|(?<!\d)[—–](?=\D)|\s--?(?=\s)")
 _MARKER = re.compile(r"[ \t]*(?:#{1,6}|[-*+•>]|\d{1,3}[.)])(?:\s|$)")
 _BLANKS, _WORD = re.compile(r"[ \t]*"), re.compile(r"\S*")
 _DOTTED = re.compile(r"(?:[A-Za-z]\.)+[A-Za-z]")
 _PROTECT = re.compile(  # multi-word spans a word-level cut must not split
-    r"[$€£¥]\s?\d[\d,.]*\s(?:thousand|million|billion|trillion)\b"
+    r"[$€£¥]\s?\d[\d,.]*\s(?:thousand|million|billion|trillion|bn)\b"
     r"|\d[\d:.]*\s?[AaPp]\.?[Mm]\b\.?|\d[\d,.]*\s?(?:%|°|[A-Za-z]{1,3}\b)"
     r"|\+?\(?\d[\d()]*(?:[\s.-]\(?\d[\d()]*){2,}"
     r"|(?:Mrs?|Ms|Dr|Prof|St|Mt|No)\.\s+\S+|\b(?:" + _MONTH_RE + r")\.?\s+\d+"
@@ -403,7 +419,7 @@ class TextSegmenter:
 
     def push(self, text: str) -> list[str]:
         """Add text; return the segments that are complete now."""
-        self._buf += text
+        self._buf += text.replace("\r", "")  # CRLF, even split across pushes, is "\n"
         return self._drain(final=False)
 
     def flush(self) -> list[str]:
@@ -417,19 +433,18 @@ class TextSegmenter:
             cut = self._next_cut(final)
             if cut is None:
                 break
-            segment, self._buf = normalize_text(self._buf[:cut]), self._buf[cut:]
+            segment, self._buf = _normalize(self._buf[:cut]), self._buf[cut:]
             self._checked = 0
-            if _WORDY.search(segment):
-                out += (
-                    _wrap(segment, self.max_chars) if len(segment) > self.max_chars else [segment]
-                )
-                self._first = False
+            pieces = _wrap(segment, self.max_chars) if len(segment) > self.max_chars else [segment]
+            pieces = [piece for piece in pieces if _WORDY.search(piece)]
+            out += pieces
+            self._first = self._first and not pieces
         return out
 
     def _fits(self, text: str, slack: int = 0) -> bool:
         if len(text) > 8 * (self.max_chars + slack):  # far too long whatever it expands to
             return False
-        return len(normalize_text(text)) <= self.max_chars + slack
+        return len(_normalize(text)) <= self.max_chars + slack
 
     def _next_cut(self, final: bool) -> int | None:
         """End of the next segment in the buffer, or None while more text is needed."""
@@ -448,7 +463,7 @@ class TextSegmenter:
             for m in _CLAUSE.finditer(buf):
                 if m.end() >= limit:
                     break
-                size = len(normalize_text(buf[: m.end()]))
+                size = len(_normalize(buf[: m.end()]))
                 if size >= self.first_clause_min_chars:
                     if size <= self.max_chars:
                         return m.end()
