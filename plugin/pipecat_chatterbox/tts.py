@@ -1,0 +1,667 @@
+"""Pipecat text-to-speech service that speaks through a chatterbox sidecar.
+
+The sidecar (``python -m chatterbox_sidecar``) serves protocol v1 on
+``ws://HOST:8002/v1/stream/tts`` (see ``docs/protocol.md``). Each Pipecat context becomes one
+sidecar context: every sentence (or LLM token) goes out as a ``synthesize`` message with
+``continue: true``, the end of the turn as ``flush``, and an interruption as ``cancel``. The
+sidecar answers ``started``, raw ``pcm_s16le`` audio at the pipeline's output rate, then
+``done``, which closes the context at once.
+"""
+
+import asyncio
+import json
+from collections import deque
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+from pipecat.frames.frames import ErrorFrame, Frame, TTSAudioRawFrame, TTSStoppedFrame
+from pipecat.processors.frame_processor import FrameProcessorSetup
+from pipecat.services.settings import TTSSettings
+from pipecat.services.tts_service import TextAggregationMode, WebsocketTTSService
+from pipecat.utils.errors import ErrorCategory, classify_http_status_code
+from pipecat.utils.tracing.service_decorators import traced_tts
+from pipecat.utils.types import NOT_GIVEN, NotGiven
+from websockets.exceptions import InvalidStatus
+from websockets.protocol import State
+
+from pipecat_chatterbox import voices
+from pipecat_chatterbox.errors import UNAUTHORIZED, SidecarError, auth_headers
+
+DEFAULT_URL = voices.DEFAULT_URL
+
+# Pipecat's audio frames are 16-bit PCM, so that is what the plugin asks for.
+ENCODING = "pcm_s16le"
+
+# Settings that the sidecar applies per context: changing one mid-turn starts a new context.
+_CONTEXT_SETTINGS = frozenset({"voice", "exaggeration", "cfg_weight", "temperature"})
+
+# Contexts ended recently, remembered so a late flush or cancel for them sends nothing.
+_ENDED_MEMORY = 64
+
+
+@dataclass
+class ChatterboxTTSSettings(TTSSettings):
+    """Runtime-updatable settings for :class:`ChatterboxTTSService`.
+
+    Parameters:
+        voice: A voice id known to the sidecar: ``default`` or one registered with
+            ``register_voice``.
+        exaggeration: Emotion exaggeration (Chatterbox ``exaggeration``, 0.25 to 2.0 is
+            useful; 0.5 is neutral).
+        cfg_weight: Classifier-free guidance weight (lower is slower, more deliberate).
+        temperature: Sampling temperature.
+    """
+
+    exaggeration: float | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    cfg_weight: float | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    temperature: float | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+
+
+class ChatterboxTTSService(WebsocketTTSService):
+    """Streaming TTS through a self-hosted chatterbox sidecar over a websocket.
+
+    A drop-in replacement for hosted websocket services such as ``CartesiaTTSService``::
+
+        tts = ChatterboxTTSService(
+            url="ws://localhost:8002/v1/stream/tts",
+            settings=ChatterboxTTSService.Settings(voice="default", exaggeration=0.6),
+        )
+
+    Audio comes back as ``pcm_s16le`` at the pipeline's output rate (``audio_out_sample_rate``),
+    so an 8 kHz phone pipeline gets 8 kHz audio with no resampling in the plugin.
+    ``TTSUpdateSettingsFrame(delta=ChatterboxTTSService.Settings(...))`` changes the voice or
+    the style at run time; the next sentence goes to a new sidecar context that uses it.
+    """
+
+    Settings = ChatterboxTTSSettings
+    _settings: Settings
+
+    def __init__(
+        self,
+        *,
+        url: str = DEFAULT_URL,
+        api_key: str | None = None,
+        sample_rate: int | None = None,
+        seed: int | None = None,
+        voice_request_timeout: float = 30.0,
+        settings: Settings | None = None,
+        text_aggregation_mode: TextAggregationMode | None = None,
+        **kwargs,
+    ):
+        """Initialize the service.
+
+        Args:
+            url: The sidecar's websocket URL.
+            api_key: The sidecar's ``TTS_API_KEY``, sent as ``Authorization: Bearer``. None
+                for a sidecar without a key.
+            sample_rate: Output sample rate. None (the default) uses the pipeline's
+                ``audio_out_sample_rate``.
+            seed: Optional sampling seed sent with every request (used by the GPU engine).
+            voice_request_timeout: Seconds that ``register_voice`` and friends wait for
+                the sidecar's reply.
+            settings: Runtime-updatable settings; fields given here override the defaults
+                (voice ``default``, exaggeration 0.5, cfg_weight 0.5, temperature 0.8).
+            text_aggregation_mode: ``TextAggregationMode.SENTENCE`` (default) sends whole
+                sentences; ``TextAggregationMode.TOKEN`` streams LLM tokens into the same
+                context and lets the sidecar split them.
+            **kwargs: Passed on to ``WebsocketTTSService`` (for example
+                ``reconnect_backoff_min_wait``, ``text_transforms``).
+        """
+        default_settings = self.Settings(
+            model=None,
+            voice="default",
+            language=None,
+            exaggeration=0.5,
+            cfg_weight=0.5,
+            temperature=0.8,
+        )
+        if settings is not None:
+            default_settings.apply_update(settings)
+
+        super().__init__(
+            text_aggregation_mode=text_aggregation_mode,
+            # The sidecar sends no word timings, so the base pushes one TTSTextFrame per
+            # sentence, behind that sentence's TTSStartedFrame.
+            push_text_frames=True,
+            # The base opens the audio context, starts TTFB and pushes TTSStartedFrame;
+            # the sidecar's ``done`` gives the TTSStoppedFrame.
+            push_start_frame=True,
+            push_stop_frames=False,
+            # Audio frames are attributed to the context the sidecar last ``started``,
+            # so later requests need not wait for earlier contexts to finish.
+            pause_frame_processing=False,
+            sample_rate=sample_rate,
+            settings=default_settings,
+            **kwargs,
+        )
+
+        self._url = url
+        self._api_key = api_key
+        self._seed = seed
+        self._voice_request_timeout = voice_request_timeout
+
+        self._receive_task: asyncio.Task | None = None
+        # What the sidecar announced in ``ready``.
+        self._server_info: dict[str, Any] = {}
+        # Context whose audio the sidecar is delivering (its ``started`` came last).
+        self._delivering_context_id: str | None = None
+        # A trailing odd byte of a binary frame, completed by the next frame.
+        self._pending_byte = b""
+        # Contexts with text sent on this connection and not ended: the last text sent.
+        self._open_contexts: dict[str, str] = {}
+        self._ended_contexts: deque[str] = deque(maxlen=_ENDED_MEMORY)
+        # Voice requests awaiting their replies.
+        self._voice_requests: list[tuple[dict[str, Any], asyncio.Future]] = []
+
+    def can_generate_metrics(self) -> bool:
+        """Check if this service can generate processing metrics.
+
+        Returns:
+            True: TTFB and usage metrics are reported.
+        """
+        return True
+
+    @property
+    def server_info(self) -> dict[str, Any]:
+        """The sidecar's ``ready`` message (engine, version, voices, limits).
+
+        Returns:
+            The last ``ready`` message received, or an empty dict before the first.
+        """
+        return self._server_info
+
+    #
+    # Lifecycle
+    #
+
+    async def setup(self, setup: FrameProcessorSetup):
+        """Learn the output sample rate and connect to the sidecar.
+
+        Args:
+            setup: Configuration object containing setup parameters.
+        """
+        await super().setup(setup)
+        await self._connect()
+
+    async def _connect(self):
+        """Connect the websocket and start the receive task."""
+        await super()._connect()
+
+        if not self._is_connected():
+            # A receive task of a connection that closed is replaced with the new one's.
+            if self._receive_task:
+                await self.cancel_task(self._receive_task)
+                self._receive_task = None
+            if self._websocket is not None:
+                # Lost before the receive task noticed: end what that connection carried,
+                # as a reconnect from the receive task would.
+                await self._close_connection_contexts()
+                await self._disconnect_websocket()
+
+        await self._connect_websocket()
+
+        if self._websocket and not self._receive_task:
+            self._receive_task = self.create_task(
+                self._receive_task_handler(self._report_error), name="receive"
+            )
+
+    async def _disconnect(self):
+        """Stop the receive task and close the websocket."""
+        await super()._disconnect()
+
+        if self._receive_task:
+            await self.cancel_task(self._receive_task)
+            self._receive_task = None
+
+        await self._disconnect_websocket()
+
+    async def _connect_websocket(self):
+        """Open the websocket, reporting a refused key as a permanent error."""
+        try:
+            if self._websocket and self._websocket.state is State.OPEN:
+                return
+            logger.debug(f"{self}: connecting to {self._url}")
+            self._websocket = await self._websocket_connect(
+                self._url,
+                additional_headers=auth_headers(self._api_key),
+                compression=None,
+            )
+            await self._call_event_handler("on_connected")
+        except InvalidStatus as e:
+            status = e.response.status_code
+            if status in (401, 403):
+                message = (
+                    f"{self}: the sidecar at {self._url} refused the API key (HTTP {status}); "
+                    "pass the sidecar's TTS_API_KEY as api_key"
+                )
+                error = SidecarError(UNAUTHORIZED, message)
+                category = ErrorCategory.AUTHENTICATION
+            else:
+                message = (
+                    f"{self}: the sidecar at {self._url} refused the connection (HTTP {status})"
+                )
+                error = e
+                category = classify_http_status_code(status)
+            self._websocket = None
+            await self.push_error(error_msg=message, exception=error, category=category)
+            await self._call_event_handler("on_connection_error", message)
+        except Exception as e:
+            message = f"{self}: cannot connect to the sidecar at {self._url}: {e}"
+            self._websocket = None
+            await self.push_error(
+                error_msg=message, exception=e, category=ErrorCategory.CONNECTIVITY
+            )
+            await self._call_event_handler("on_connection_error", message)
+
+    async def _disconnect_websocket(self):
+        """Close the websocket and forget this connection's contexts."""
+        try:
+            await self.stop_all_metrics()
+            if self._websocket:
+                logger.debug(f"{self}: disconnecting from {self._url}")
+                await self._websocket.close()
+        except Exception as e:
+            logger.debug(f"{self}: error closing the websocket: {e}")
+        finally:
+            self._websocket = None
+            self._reset_connection_state()
+            await self._call_event_handler("on_disconnected")
+
+    def _reset_connection_state(self):
+        """Forget what belonged to the connection that ended."""
+        self._delivering_context_id = None
+        self._pending_byte = b""
+        self._ended_contexts.extend(self._open_contexts)
+        self._open_contexts.clear()
+        while self._voice_requests:
+            _, future = self._voice_requests.pop(0)
+            if not future.done():
+                future.set_exception(ConnectionError("the sidecar connection closed"))
+
+    async def _close_connection_contexts(self):
+        """End the audio contexts of a connection that is going away.
+
+        The sidecar does not resume contexts on a new connection, so each open context is
+        ended with a ``TTSStoppedFrame`` after the audio already received.
+        """
+        for context_id in self.get_audio_contexts():
+            await self.append_to_audio_context(context_id, TTSStoppedFrame(context_id=context_id))
+        await super()._close_connection_contexts()
+
+    def _get_websocket(self):
+        """Return the open websocket.
+
+        Raises:
+            ConnectionError: There is none.
+        """
+        if self._websocket:
+            return self._websocket
+        raise ConnectionError(f"{self}: not connected to the sidecar")
+
+    def _is_connected(self) -> bool:
+        return self._websocket is not None and self._websocket.state is State.OPEN
+
+    #
+    # Settings
+    #
+
+    async def _update_settings(self, delta: TTSSettings) -> dict[str, Any]:
+        """Apply a settings delta; voice and style changes start a new sidecar context.
+
+        The sidecar fixes a context's voice and parameters when it opens, so an update in
+        the middle of a turn flushes the turn's context and moves the rest of the turn to
+        a new one.
+
+        Args:
+            delta: A ``ChatterboxTTSService.Settings`` (or ``TTSSettings``) delta.
+
+        Returns:
+            Dict mapping changed field names to their previous values.
+        """
+        changed = await super()._update_settings(delta)
+        if changed.keys() & _CONTEXT_SETTINGS and self._turn_context_id:
+            turn_context_id = self._turn_context_id
+            # In token mode, the sentence still pending belongs to the old context.
+            await self._push_sequencer_frames(
+                await self._aggregated_frame_sequencer.finalize(turn_context_id),
+                turn_context_id,
+            )
+            if self.audio_context_available(turn_context_id):
+                await self.flush_audio(context_id=turn_context_id)
+            self._turn_context_id = None
+            self._turn_context_id = self.create_context_id()
+        self._warn_unhandled_updated_settings(changed.keys() - _CONTEXT_SETTINGS)
+        return changed
+
+    #
+    # Sending
+    #
+
+    def _build_synthesize_msg(self, text: str, context_id: str) -> dict[str, Any]:
+        """Build one ``synthesize`` piece of a context.
+
+        Args:
+            text: The piece of text, sent verbatim.
+            context_id: The context it belongs to.
+
+        Returns:
+            The protocol message.
+        """
+        msg: dict[str, Any] = {
+            "type": "synthesize",
+            "text": text,
+            "context_id": context_id,
+            "continue": True,
+            "voice_id": self._settings.voice,
+            "sample_rate": self.sample_rate,
+            "encoding": ENCODING,
+        }
+        for name in ("exaggeration", "cfg_weight", "temperature"):
+            value = getattr(self._settings, name)
+            if value is not None:
+                msg[name] = value
+        if self._seed is not None:
+            msg["seed"] = self._seed
+        return msg
+
+    def _piece_for_context(self, text: str, context_id: str) -> str:
+        """Return the text to send so the context's pieces join into readable text.
+
+        The sidecar concatenates a context's pieces verbatim. Tokens carry their own
+        spacing; whole sentences do not, so a space is put between two of them.
+        """
+        previous = self._open_contexts.get(context_id)
+        if (
+            previous
+            and not self._is_streaming_tokens
+            and not previous[-1:].isspace()
+            and not text[:1].isspace()
+        ):
+            return " " + text
+        return text
+
+    async def _send_json(self, message: dict[str, Any]):
+        await self._get_websocket().send(json.dumps(message))
+
+    @traced_tts
+    async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame | None, None]:
+        """Send a piece of text for a context; its audio arrives on the receive task.
+
+        Args:
+            text: The sentence (or token) to speak.
+            context_id: The Pipecat context, used as the sidecar's context id.
+
+        Yields:
+            Frame: None once the text is sent, or an error and a stop frame on failure.
+        """
+        if not self._is_connected():
+            await self._connect()
+        if not self._is_connected():
+            # _connect_websocket has reported why.
+            self._mark_ended(context_id)
+            yield TTSStoppedFrame(context_id=context_id)
+            await self.remove_audio_context(context_id)
+            return
+
+        if context_id in self._ended_contexts:
+            # The sidecar ended this context (an error, or the connection it lived on
+            # closed); the text that was on its way to it is dropped.
+            logger.debug(f"{self}: context {context_id} has ended; not sending [{text}]")
+            await self._end_audio_context_now(context_id)
+            return
+
+        piece = self._piece_for_context(text, context_id)
+        # Marked open before sending: an interruption that cancels this send must still
+        # cancel whatever part of the text reached the sidecar.
+        self._open_contexts[context_id] = piece
+        try:
+            await self._send_json(self._build_synthesize_msg(piece, context_id))
+        except Exception as e:
+            # The receive task sees the closed connection and reconnects.
+            self._mark_ended(context_id)
+            yield ErrorFrame(error=f"{self}: sending text to the sidecar failed: {e}", exception=e)
+            yield TTSStoppedFrame(context_id=context_id)
+            await self.remove_audio_context(context_id)
+            return
+        await self.start_tts_usage_metrics(text)
+        yield None
+
+    async def flush_audio(self, context_id: str | None = None):
+        """End a context's text: the sidecar speaks the rest and answers ``done``.
+
+        Args:
+            context_id: The context to end; defaults to the active one.
+        """
+        flush_id = context_id or self.get_active_audio_context_id()
+        if not flush_id or flush_id in self._ended_contexts:
+            return
+        if flush_id in self._open_contexts and self._is_connected():
+            try:
+                await self._send_json({"type": "flush", "context_id": flush_id})
+                return
+            except Exception as e:
+                logger.warning(f"{self}: flushing context {flush_id} failed: {e}")
+        # No text reached the sidecar on a live connection (the service is unusable or
+        # disconnected), so no ``done`` will come: end the context here.
+        self._mark_ended(flush_id)
+        await self._end_audio_context_now(flush_id)
+
+    async def on_audio_context_interrupted(self, context_id: str):
+        """Cancel the interrupted context on the sidecar, which stops generating it.
+
+        Args:
+            context_id: The interrupted context.
+        """
+        await self.stop_all_metrics()
+        if context_id in self._open_contexts and self._is_connected():
+            try:
+                await self._send_json({"type": "cancel", "context_id": context_id})
+            except Exception as e:
+                logger.warning(f"{self}: cancelling context {context_id} failed: {e}")
+        self._mark_ended(context_id)
+        await super().on_audio_context_interrupted(context_id)
+
+    def _mark_ended(self, context_id: str):
+        self._open_contexts.pop(context_id, None)
+        if context_id not in self._ended_contexts:
+            self._ended_contexts.append(context_id)
+
+    async def _end_audio_context_now(self, context_id: str):
+        """Queue a context's ``TTSStoppedFrame`` and close it, if it is still open."""
+        if self.audio_context_available(context_id):
+            await self.append_to_audio_context(context_id, TTSStoppedFrame(context_id=context_id))
+            await self.remove_audio_context(context_id)
+
+    #
+    # Receiving
+    #
+
+    async def _receive_messages(self):
+        """Dispatch the sidecar's messages: JSON events and binary audio."""
+        async for message in self._get_websocket():
+            if isinstance(message, bytes):
+                await self._handle_audio(message)
+                continue
+            try:
+                msg = json.loads(message)
+            except json.JSONDecodeError:
+                logger.warning(f"{self}: ignoring a message that is not JSON: {message[:80]!r}")
+                continue
+            if isinstance(msg, dict):
+                await self._handle_message(msg)
+
+    async def _handle_audio(self, data: bytes):
+        """Queue a binary frame as audio of the context being delivered."""
+        context_id = self._delivering_context_id
+        if not context_id or not self.audio_context_available(context_id):
+            # Audio of a cancelled or interrupted context still on the wire.
+            return
+        data = self._pending_byte + data
+        usable = len(data) - len(data) % 2
+        self._pending_byte = data[usable:]
+        if not usable:
+            return
+        frame = TTSAudioRawFrame(
+            audio=data[:usable],
+            sample_rate=self.sample_rate,
+            num_channels=1,
+            context_id=context_id,
+        )
+        await self.append_to_audio_context(context_id, frame)
+
+    async def _handle_message(self, msg: dict[str, Any]):
+        """Handle one JSON message from the sidecar.
+
+        Args:
+            msg: The decoded message.
+        """
+        msg_type = msg.get("type")
+        context_id = msg.get("context_id")
+
+        if msg_type == "started":
+            self._delivering_context_id = context_id
+            self._pending_byte = b""
+            if msg.get("sample_rate", self.sample_rate) != self.sample_rate or (
+                msg.get("encoding", ENCODING) != ENCODING
+            ):
+                logger.warning(
+                    f"{self}: context {context_id} started as {msg.get('encoding')} at "
+                    f"{msg.get('sample_rate')} Hz, not {ENCODING} at {self.sample_rate} Hz"
+                )
+        elif msg_type in ("done", "cancelled"):
+            if context_id == self._delivering_context_id:
+                self._delivering_context_id = None
+            if context_id:
+                self._mark_ended(context_id)
+                await self._end_audio_context_now(context_id)
+            if msg_type == "done":
+                logger.debug(
+                    f"{self}: context {context_id} done: {msg.get('audio_seconds')} s of audio, "
+                    f"sidecar TTFB {msg.get('ttfb_ms')} ms"
+                )
+        elif msg_type == "error":
+            await self._handle_error(msg)
+        elif msg_type in ("voice_registered", "voice_deleted", "voices"):
+            self._answer_voice_request(msg, None)
+        elif msg_type == "ready":
+            self._server_info = msg
+            logger.debug(
+                f"{self}: sidecar ready: engine {msg.get('engine')}, version {msg.get('version')}"
+            )
+        else:
+            logger.debug(f"{self}: ignoring sidecar message of type {msg_type!r}")
+
+    async def _handle_error(self, msg: dict[str, Any]):
+        """Report an ``error`` message; one that names a context ends that context."""
+        error = voices.reply_error(msg)
+        context_id = error.context_id
+        if context_id is None and self._voice_requests:
+            # An error with no context answers a voice request (it echoes the voice id).
+            self._answer_voice_request(msg, error)
+            return
+        if context_id is not None:
+            if context_id == self._delivering_context_id:
+                self._delivering_context_id = None
+            self._mark_ended(context_id)
+            if not self.audio_context_available(context_id):
+                logger.debug(f"{self}: error for a context already ended: {error}")
+                return
+        await self.push_error(
+            error_msg=f"{self}: sidecar error [{error.code}]: {error.message}",
+            exception=error,
+            category=error.category,
+        )
+        if context_id is not None:
+            await self._end_audio_context_now(context_id)
+            if context_id == self._turn_context_id:
+                # The rest of the turn opens a new sidecar context.
+                self._turn_context_id = None
+                self._turn_context_id = self.create_context_id()
+
+    def _answer_voice_request(self, msg: dict[str, Any], error: SidecarError | None):
+        """Resolve the pending voice request a reply answers.
+
+        The sidecar runs voice operations concurrently, so replies are matched by kind and
+        voice id rather than by order.
+        """
+        reply_type = msg.get("type")
+        voice_id = msg.get("voice_id")
+        for i, (request, future) in enumerate(self._voice_requests):
+            if error is not None:
+                matches = voice_id is None or request.get("voice_id") == voice_id
+            else:
+                matches = voices.REPLY_TYPES[request["type"]] == reply_type and (
+                    voice_id is None or request.get("voice_id") == voice_id
+                )
+            if matches:
+                del self._voice_requests[i]
+                if not future.done():
+                    if error is not None:
+                        future.set_exception(error)
+                    else:
+                        future.set_result(msg)
+                return
+        logger.debug(f"{self}: no voice request waits for this {reply_type} message")
+
+    #
+    # Voices
+    #
+
+    async def register_voice(self, voice_id: str, wav_path: str | Path) -> dict[str, Any]:
+        """Register a voice from a reference WAV file (3 to 30 s).
+
+        Uses the service's connection when it is open, otherwise a short-lived one.
+        Afterwards ``TTSUpdateSettingsFrame(delta=ChatterboxTTSService.Settings(
+        voice=voice_id))`` speaks with it.
+
+        Args:
+            voice_id: The id to register the voice under (``^[A-Za-z0-9_-]{1,64}$``).
+            wav_path: Path to the reference recording.
+
+        Returns:
+            The sidecar's ``voice_registered`` reply.
+
+        Raises:
+            SidecarError: The sidecar rejected the voice or the API key.
+        """
+        message = await voices.build_register_voice_message(voice_id, wav_path)
+        return await self._voice_request(message)
+
+    async def delete_voice(self, voice_id: str) -> dict[str, Any]:
+        """Delete a registered voice.
+
+        Args:
+            voice_id: The voice to delete.
+
+        Returns:
+            The sidecar's ``voice_deleted`` reply.
+        """
+        return await self._voice_request({"type": "delete_voice", "voice_id": voice_id})
+
+    async def list_voices(self) -> list[dict[str, Any]]:
+        """List the sidecar's voices.
+
+        Returns:
+            The ``voices`` field of the sidecar's reply.
+        """
+        reply = await self._voice_request({"type": "list_voices"})
+        return list(reply.get("voices", []))
+
+    async def _voice_request(self, message: dict[str, Any]) -> dict[str, Any]:
+        if not (self._is_connected() and self._receive_task):
+            return await voices.send_voice_request(
+                self._url, message, self._api_key, self._voice_request_timeout
+            )
+        future = asyncio.get_running_loop().create_future()
+        entry = (message, future)
+        self._voice_requests.append(entry)
+        try:
+            await self._send_json(message)
+            async with asyncio.timeout(self._voice_request_timeout):
+                return await future
+        finally:
+            if entry in self._voice_requests:
+                self._voice_requests.remove(entry)
