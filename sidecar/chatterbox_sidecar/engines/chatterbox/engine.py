@@ -1,0 +1,517 @@
+"""The ``chatterbox`` engine: T3 speech tokens streamed into chunked S3Gen decoding.
+
+For each text piece of a context the engine sends one request to the T3 backend (``vllm`` or
+``torch``) with a speech-token budget that follows the piece's length, feeds the tokens as they
+arrive into a :class:`~.s3gen_stream.StreamState` and yields 24 kHz audio chunk by chunk
+(``streaming=True``). In batch mode (``streaming=False``) every piece of the text is generated
+at once and each is decoded whole, in order.
+
+S3Gen (and the voice conditioning) run in worker threads, never on the event loop. Closing the
+audio iterator aborts the T3 request; at most the chunk being decoded is finished first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+from loguru import logger
+
+from chatterbox_sidecar.engines.base import (
+    Engine,
+    EngineError,
+    EngineInfo,
+    SynthesisParams,
+)
+from chatterbox_sidecar.engines.chatterbox.conditionals import (
+    ConditioningConfig,
+    VoiceConditionals,
+    cap_reference,
+    compute_conditionals_from_file,
+)
+from chatterbox_sidecar.engines.chatterbox.s3gen_stream import (
+    SAMPLE_RATE,
+    Reference,
+    S3GenStreamDecoder,
+    StreamConfig,
+    StreamState,
+)
+from chatterbox_sidecar.engines.chatterbox.t3_backend import T3Backend, T3Request
+from chatterbox_sidecar.voices import Voice
+
+T = TypeVar("T")
+CONDS_FILE = "conds.pt"
+_SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
+_CLAUSE_END = re.compile(r"(?<=[,])\s+")
+
+
+@dataclass(frozen=True)
+class ChatterboxEngineConfig:
+    """Configuration of the chatterbox engine.
+
+    Parameters:
+        model_dir: Folder with the Chatterbox files (``TTS_MODEL_DIR``); None downloads them once
+            from the Hugging Face Hub (see ``model_files.resolve_model_dir``).
+        t3_model_dir: The vLLM model folder (``TTS_T3_MODEL_DIR``); None for
+            ``~/.cache/pipecat-chatterbox/t3-model``. Only the vllm backend uses it.
+        t3_backend: ``auto`` (vllm on CUDA when importable, else torch), ``vllm`` or ``torch``.
+        device: ``cuda`` (or ``cuda:N``) or ``cpu``.
+        dtype: T3 dtype for the torch backend (None: bfloat16 on CUDA, float32 on CPU).
+        s3gen_dtype: S3Gen dtype (upstream runs it in float32).
+        chunk_size: New speech tokens per streamed chunk (``TTS_CHUNK_SIZE``).
+        first_chunk_size: New tokens of the first chunk (smaller: earlier first audio; >= 7).
+        context_window: Tokens of left context per chunk (``TTS_CONTEXT_WINDOW``).
+        flow_steps: S3Gen flow-matching steps (upstream ``n_cfm_timesteps``: 10).
+        streaming_default: Mode for requests that do not say (the server resolves it).
+        max_concurrency: Contexts generated at once (T3 batch size).
+        max_text_chars_per_piece: Longest text piece sent to T3; longer segments are split.
+        reference_seconds: Cap on the S3Gen reference prompt, in seconds (upstream: 10); every
+            chunk re-processes the prompt, so a shorter one makes S3Gen cheaper.
+        t3_reference_seconds: Seconds of reference tokenized for T3's prompt (upstream: 6).
+        top_p: T3 nucleus sampling threshold.
+        min_p: T3 minimum relative probability.
+        repetition_penalty: T3 repetition penalty (upstream English: 1.2).
+        max_speech_tokens: Cap on one piece's speech tokens.
+        max_model_len: vLLM context length; None derives it from the piece length and budget.
+        gpu_memory_utilization: vLLM's share of GPU memory (leave room for S3Gen).
+        enforce_eager: Disable vLLM CUDA graphs.
+        cfg_scale: vLLM backend's global guidance scale (chatterbox-vllm reads it once).
+        warmup: Decode a few tokens at start so the first request does not pay for it.
+    """
+
+    model_dir: Path | None = None
+    t3_model_dir: Path | None = None
+    t3_backend: Literal["auto", "vllm", "torch"] = "auto"
+    device: str = "cuda"
+    dtype: str | None = None
+    s3gen_dtype: str = "float32"
+    chunk_size: int = 25
+    first_chunk_size: int = 10
+    context_window: int = 50
+    flow_steps: int = 10
+    streaming_default: bool = True
+    max_concurrency: int = 8
+    max_text_chars_per_piece: int = 300
+    reference_seconds: float = 10.0
+    t3_reference_seconds: float = 6.0
+    top_p: float = 1.0
+    min_p: float = 0.05
+    repetition_penalty: float = 1.2
+    max_speech_tokens: int = 1000
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.4
+    enforce_eager: bool = True
+    cfg_scale: float = 0.5
+    warmup: bool = True
+
+    def stream_config(self) -> StreamConfig:
+        """Returns: the S3Gen chunking configuration (validates the sizes)."""
+        return StreamConfig(
+            chunk_size=self.chunk_size,
+            first_chunk_size=self.first_chunk_size,
+            context_window=self.context_window,
+            flow_steps=self.flow_steps,
+        )
+
+
+@dataclass
+class _CachedVoice:
+    created_at: str
+    conds: VoiceConditionals
+    reference: Reference
+
+
+@dataclass
+class _TokenPump:
+    """Tokens of one T3 request, gathered on the event loop while S3Gen works."""
+
+    buffer: list[int] = field(default_factory=list)
+    done: bool = False
+    error: BaseException | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def split_text(text: str, max_chars: int) -> list[str]:
+    """Split text into pieces of at most ``max_chars``, at sentence, clause or word boundaries.
+
+    Args:
+        text: A segment.
+        max_chars: Longest piece.
+
+    Returns:
+        The non-empty pieces, in order.
+    """
+    text = " ".join(text.split())
+    if not text:
+        return []
+    if len(text) <= max_chars:
+        return [text]
+    pieces: list[str] = []
+    for pattern in (_SENTENCE_END, _CLAUSE_END, re.compile(r"\s+")):
+        parts = pattern.split(text)
+        if len(parts) > 1:
+            current = ""
+            for part in parts:
+                candidate = f"{current} {part}" if current else part
+                if len(candidate) <= max_chars:
+                    current = candidate
+                    continue
+                if current:
+                    pieces.append(current)
+                current = part
+            if current:
+                pieces.append(current)
+            return [p for piece in pieces for p in split_text(piece, max_chars)]
+    return [text[i : i + max_chars] for i in range(0, len(text), max_chars)]
+
+
+class ChatterboxEngine(Engine):
+    """Chatterbox (T3 + streamed S3Gen) behind the engine interface.
+
+    Args:
+        config: Engine configuration.
+        t3_backend: A T3 backend to use instead of the one ``config.t3_backend`` names (it is
+            started and closed by the engine).
+    """
+
+    def __init__(self, config: ChatterboxEngineConfig, *, t3_backend: T3Backend | None = None):
+        self.config = config
+        self._stream_config = config.stream_config()
+        self._conditioning = ConditioningConfig(t3_reference_seconds=config.t3_reference_seconds)
+        self.info = EngineInfo(
+            name="chatterbox",
+            native_sample_rate=SAMPLE_RATE,
+            can_clone=True,
+            max_concurrency=config.max_concurrency,
+            max_segment_chars=config.max_text_chars_per_piece,
+        )
+        self._t3: T3Backend | None = t3_backend
+        self._s3_executor = ThreadPoolExecutor(1, thread_name_prefix="s3gen")
+        self._voice_executor = ThreadPoolExecutor(1, thread_name_prefix="voice-conds")
+        self._model_dir: Path | None = None
+        self._s3gen: Any = None
+        self._ve: Any = None
+        self._decoder: S3GenStreamDecoder | None = None
+        self._default: _CachedVoice | None = None
+        self._voices: dict[str, _CachedVoice] = {}
+        self._voice_locks: dict[str, asyncio.Lock] = {}
+        self._requests = 0
+
+    # ---- life cycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resolve the weights, load S3Gen, the voice encoder and T3, and warm up."""
+        from chatterbox_sidecar.engines.chatterbox.model_files import resolve_model_dir
+
+        cfg = self.config
+        try:
+            self._model_dir = await asyncio.to_thread(resolve_model_dir, cfg.model_dir)
+            await self._in_s3(self._load_s3gen)
+            if self._t3 is None:
+                self._t3 = self._make_t3_backend(self._model_dir)
+            await self._t3.start()
+            if cfg.warmup:
+                assert self._default is not None and self._decoder is not None
+                await self._in_s3(self._decoder.decode_whole, self._default.reference, range(10))
+        except EngineError:
+            raise
+        except Exception as e:
+            raise EngineError(f"chatterbox engine failed to start: {e}") from e
+        logger.info(
+            f"{self}: ready on {cfg.device} (T3 {type(self._t3).__name__}, chunks "
+            f"{cfg.first_chunk_size}/{cfg.chunk_size} tokens, context {cfg.context_window}, "
+            f"{cfg.flow_steps} flow steps, reference <= {cfg.reference_seconds:g} s)"
+        )
+
+    def _load_s3gen(self) -> None:
+        import torch
+
+        from chatterbox_sidecar.engines.chatterbox.s3gen_loader import (
+            S3GEN_FILE,
+            VE_FILE,
+            load_s3gen,
+            load_voice_encoder,
+        )
+
+        assert self._model_dir is not None
+        dtype = getattr(torch, self.config.s3gen_dtype)
+        self._s3gen = load_s3gen(self._model_dir / S3GEN_FILE, self.config.device, dtype)
+        self._ve = load_voice_encoder(self._model_dir / VE_FILE, self.config.device)
+        self._decoder = S3GenStreamDecoder(self._s3gen, self._stream_config)
+        conds = VoiceConditionals.load(self._model_dir / CONDS_FILE)
+        self._default = _CachedVoice("", conds, self._reference(conds))
+
+    def _make_t3_backend(self, model_dir: Path) -> T3Backend:
+        cfg = self.config
+        kind = cfg.t3_backend
+        if kind == "auto":
+            kind = "vllm" if cfg.device.startswith("cuda") and _vllm_importable() else "torch"
+        if kind == "vllm":
+            from chatterbox_sidecar.engines.chatterbox.model_files import max_model_len
+            from chatterbox_sidecar.engines.chatterbox.t3_vllm import VllmT3Backend
+
+            t3_model_dir = cfg.t3_model_dir or (
+                Path.home() / ".cache" / "pipecat-chatterbox" / "t3-model"
+            )
+            return VllmT3Backend(
+                model_dir,
+                t3_model_dir,
+                max_model_len=cfg.max_model_len
+                or max_model_len(cfg.max_text_chars_per_piece, cfg.max_speech_tokens),
+                max_num_seqs=cfg.max_concurrency,
+                gpu_memory_utilization=cfg.gpu_memory_utilization,
+                enforce_eager=cfg.enforce_eager,
+                cfg_scale=cfg.cfg_scale,
+            )
+        if kind == "torch":
+            from chatterbox_sidecar.engines.chatterbox.t3_torch import TorchT3Backend
+
+            return TorchT3Backend(
+                model_dir,
+                device=cfg.device,
+                dtype=cfg.dtype,
+                max_batch_size=cfg.max_concurrency,
+            )
+        raise EngineError(f"unknown T3 backend {cfg.t3_backend!r} (auto, vllm or torch)")
+
+    async def close(self) -> None:
+        """Stop T3 and the worker threads."""
+        if self._t3 is not None:
+            with suppress(Exception):
+                await self._t3.close()
+        self._s3_executor.shutdown(wait=False, cancel_futures=True)
+        self._voice_executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---- voices ----------------------------------------------------------------------
+
+    def _reference(self, conds: VoiceConditionals) -> Reference:
+        import torch
+
+        gen = cap_reference(conds.gen, self.config.reference_seconds)
+        return Reference.from_gen(
+            gen, torch.device(self.config.device), getattr(torch, self.config.s3gen_dtype)
+        )
+
+    async def prepare_voice(self, voice: Voice) -> None:
+        """Compute the voice's conditionals, write ``conds.pt`` and cache them in memory."""
+        try:
+            conds = await self._in_voice_thread(self._compute_and_save, voice)
+        except Exception as e:
+            raise EngineError(
+                f"could not compute conditionals for voice '{voice.voice_id}': {e}"
+            ) from e
+        self._voices[voice.voice_id] = _CachedVoice(voice.created_at, conds, self._reference(conds))
+
+    def _compute_and_save(self, voice: Voice) -> VoiceConditionals:
+        conds = compute_conditionals_from_file(
+            voice.reference_path, self._s3gen, self._ve, self._conditioning
+        )
+        conds.save(voice.artifact_path(CONDS_FILE))
+        logger.info(f"{self}: conditionals for voice '{voice.voice_id}' written")
+        return conds
+
+    def _load_or_compute(self, voice: Voice) -> VoiceConditionals:
+        path = voice.artifact_path(CONDS_FILE)
+        try:
+            return VoiceConditionals.load(path)
+        except FileNotFoundError:
+            logger.warning(f"{self}: {path} is missing; computing it again")
+        except Exception as e:  # corrupt or foreign file: rebuild it from the reference
+            logger.warning(f"{self}: {path} is unreadable ({e}); computing it again")
+        return self._compute_and_save(voice)
+
+    async def _voice(self, voice: Voice | None) -> _CachedVoice:
+        if voice is None:
+            assert self._default is not None, "engine not started"
+            return self._default
+        cached = self._voices.get(voice.voice_id)
+        if cached is not None and cached.created_at == voice.created_at:
+            return cached
+        lock = self._voice_locks.setdefault(voice.voice_id, asyncio.Lock())
+        async with lock:
+            cached = self._voices.get(voice.voice_id)
+            if cached is None or cached.created_at != voice.created_at:
+                try:
+                    conds = await self._in_voice_thread(self._load_or_compute, voice)
+                except Exception as e:
+                    raise EngineError(f"voice '{voice.voice_id}' cannot be loaded: {e}") from e
+                cached = _CachedVoice(voice.created_at, conds, self._reference(conds))
+                self._voices[voice.voice_id] = cached
+        return cached
+
+    async def forget_voice(self, voice_id: str) -> None:
+        """Drop the cached conditionals of a deleted voice."""
+        self._voices.pop(voice_id, None)
+        self._voice_locks.pop(voice_id, None)
+
+    # ---- synthesis -------------------------------------------------------------------
+
+    async def synthesize(
+        self,
+        segments: AsyncIterator[str],
+        params: SynthesisParams,
+        voice: Voice | None,
+    ) -> AsyncIterator[np.ndarray]:
+        """Stream audio for one context (see :meth:`Engine.synthesize`)."""
+        if self._t3 is None or self._decoder is None:
+            raise EngineError("chatterbox engine is not started")
+        cached = await self._voice(voice)
+        self._requests += 1
+        context = f"ctx{self._requests}-{uuid.uuid4().hex[:8]}"
+        if params.streaming:
+            index = 0
+            async for segment in segments:
+                for piece in split_text(segment, self.config.max_text_chars_per_piece):
+                    request = self._request(f"{context}-{index}", piece, cached, params)
+                    index += 1
+                    # aclosing: T3 is aborted when our consumer stops, not at garbage collection
+                    async with aclosing(self._stream_piece(request, cached.reference)) as audios:
+                        async for audio in audios:
+                            yield audio
+        else:
+            pieces = [
+                piece
+                async for segment in segments
+                for piece in split_text(segment, self.config.max_text_chars_per_piece)
+            ]
+            async with aclosing(self._batch(context, pieces, cached, params)) as audios:
+                async for audio in audios:
+                    yield audio
+
+    def _request(
+        self, request_id: str, text: str, cached: _CachedVoice, params: SynthesisParams
+    ) -> T3Request:
+        from chatterbox_sidecar.engines.chatterbox.model_files import speech_token_budget
+
+        cfg = self.config
+        return T3Request(
+            request_id=request_id,
+            text=text,
+            conditionals=cached.conds.t3,
+            exaggeration=params.exaggeration,
+            cfg_weight=params.cfg_weight,
+            temperature=params.temperature,
+            top_p=cfg.top_p,
+            min_p=cfg.min_p,
+            repetition_penalty=cfg.repetition_penalty,
+            max_new_tokens=speech_token_budget(text, max_tokens=cfg.max_speech_tokens),
+            seed=params.seed,
+        )
+
+    async def _stream_piece(
+        self, request: T3Request, reference: Reference
+    ) -> AsyncIterator[np.ndarray]:
+        assert self._t3 is not None and self._decoder is not None
+        decoder, cfg = self._decoder, self._stream_config
+        stream = decoder.new_stream(reference)
+        pump = _TokenPump()
+        task = asyncio.create_task(self._pump(request, pump), name=f"t3-{request.request_id}")
+        try:
+            while not stream.finished:
+                stream.push(pump.buffer)
+                pump.buffer.clear()
+                if pump.error is not None:
+                    raise EngineError(f"T3 failed: {pump.error}") from pump.error
+                if stream.ready(cfg):
+                    audio = await self._in_s3(decoder.decode_chunk, stream, False)
+                elif pump.done:
+                    audio = await self._in_s3(decoder.decode_chunk, stream, True)
+                else:
+                    pump.changed.clear()
+                    await pump.changed.wait()
+                    continue
+                if len(audio):
+                    yield audio
+        finally:
+            if not task.done():
+                task.cancel()
+                with suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _pump(self, request: T3Request, pump: _TokenPump) -> None:
+        assert self._t3 is not None
+        tokens = self._t3.generate(request)
+        try:
+            async for delta in tokens:
+                pump.buffer.extend(delta)
+                pump.changed.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            pump.error = e
+        finally:
+            pump.done = True
+            pump.changed.set()
+            close = getattr(tokens, "aclose", None)
+            if close is not None:
+                with suppress(Exception):
+                    await close()
+
+    async def _batch(
+        self, context: str, pieces: list[str], cached: _CachedVoice, params: SynthesisParams
+    ) -> AsyncIterator[np.ndarray]:
+        assert self._decoder is not None
+        tasks = [
+            asyncio.create_task(
+                self._collect(self._request(f"{context}-{i}", piece, cached, params))
+            )
+            for i, piece in enumerate(pieces)
+        ]
+        try:
+            for task in tasks:
+                tokens = await task
+                audio = await self._in_s3(self._decoder.decode_whole, cached.reference, tokens)
+                if len(audio):
+                    yield audio
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _collect(self, request: T3Request) -> list[int]:
+        assert self._t3 is not None
+        tokens: list[int] = []
+        stream = self._t3.generate(request)
+        try:
+            async for delta in stream:
+                tokens.extend(delta)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            raise EngineError(f"T3 failed: {e}") from e
+        finally:
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                with suppress(Exception):
+                    await close()
+        return tokens
+
+    # ---- threads ---------------------------------------------------------------------
+
+    async def _in_s3(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._s3_executor, fn, *args)
+
+    async def _in_voice_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._voice_executor, fn, *args)
+
+    def __str__(self) -> str:
+        return "ChatterboxEngine"
+
+
+def _vllm_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+__all__ = ["ChatterboxEngine", "ChatterboxEngineConfig", "StreamState", "split_text"]

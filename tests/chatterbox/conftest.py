@@ -1,0 +1,45 @@
+"""Fixtures for the Chatterbox engine tests: random model files in the real layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("chatterbox_vllm.models.s3gen")
+
+from .s3gen_checkpoint import write_random_s3gen_model_dir  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def s3gen_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with random full-size ``s3gen.safetensors``, ``ve.safetensors`` and ``conds.pt``."""
+    return write_random_s3gen_model_dir(tmp_path_factory.mktemp("chatterbox-model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def chatterbox_model_dir(s3gen_model_dir: Path) -> Path:
+    """A whole random Chatterbox model folder: S3Gen, VE, conds.pt, a 2-layer T3, tokenizer."""
+    from .t3_checkpoint import write_random_t3_checkpoint
+
+    if not (s3gen_model_dir / "t3_cfg.safetensors").exists():
+        write_random_t3_checkpoint(s3gen_model_dir, n_layers=2, seed=0)
+    return s3gen_model_dir
+
+
+@pytest.fixture(scope="session")
+def s3gen_model(s3gen_model_dir: Path):
+    """S3Gen loaded from the random checkpoint through the engine's loader."""
+    from chatterbox_sidecar.engines.chatterbox.s3gen_loader import load_s3gen
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    return load_s3gen(s3gen_model_dir / "s3gen.safetensors", "cpu")
+
+
+@pytest.fixture(scope="session")
+def voice_encoder(s3gen_model_dir: Path):
+    """The voice encoder loaded from the random checkpoint."""
+    from chatterbox_sidecar.engines.chatterbox.s3gen_loader import load_voice_encoder
+
+    return load_voice_encoder(s3gen_model_dir / "ve.safetensors", "cpu")

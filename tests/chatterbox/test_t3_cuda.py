@@ -1,0 +1,124 @@
+"""The torch T3 backend on a CUDA GPU (skipped without one): same checks as on CPU, plus full size.
+
+Run on a GPU machine with ``pytest tests/chatterbox/test_t3_cuda.py -s`` (``-s`` shows the
+decode-step timings of the full-size 30-layer model in bfloat16).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from chatterbox_sidecar.engines.chatterbox.t3_model import T3Model
+from chatterbox_sidecar.engines.chatterbox.t3_text import T3Tokenizer
+from chatterbox_sidecar.engines.chatterbox.t3_torch import T3BatchDecoder, TorchT3Backend
+
+from .t3_checkpoint import write_random_t3_checkpoint
+from .test_t3_torch import make_conds, reference_logits, request, run_decoder
+
+pytestmark = [
+    pytest.mark.torch,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.fixture(scope="module")
+def full_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_random_t3_checkpoint(tmp_path_factory.mktemp("t3f"), n_layers=30, seed=0)
+
+
+@pytest.fixture(scope="module")
+def small_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_random_t3_checkpoint(tmp_path_factory.mktemp("t3c"), n_layers=2, seed=0)
+
+
+def test_cuda_cfg_and_batching_match_references(small_dir):
+    model = T3Model.from_safetensors(
+        small_dir / "t3_cfg.safetensors", device="cuda", max_positions=512
+    )
+    tok = T3Tokenizer(small_dir / "tokenizer.json")
+    reqs = [
+        request("a", seed=1, max_new_tokens=8),
+        request(
+            "b",
+            text="Another, longer sentence here.",
+            conditionals=make_conds(4),
+            seed=2,
+            cfg_weight=1.0,
+            max_new_tokens=8,
+        ),
+    ]
+    decoder = T3BatchDecoder(model, tok, max_batch_size=2, max_seq_len=256, record_logits=True)
+    together = run_decoder(decoder, reqs)
+    for r in reqs:
+        ids = tok.encode(r.text)
+        tokens = [o.token for o in together[r.request_id]]
+        for step, out in enumerate(together[r.request_id]):
+            cond, uncond = reference_logits(model, r, ids, tokens[:step])
+            expected = cond + r.cfg_weight * (cond - uncond)
+            torch.testing.assert_close(out.logits, expected, atol=2e-3, rtol=1e-3)
+        alone = run_decoder(T3BatchDecoder(model, tok, max_batch_size=1, max_seq_len=256), [r])
+        assert [o.token for o in alone[r.request_id]] == tokens
+
+
+def test_cuda_graphs_decode_like_eager(small_dir):
+    model = T3Model.from_safetensors(
+        small_dir / "t3_cfg.safetensors", device="cuda", max_positions=256
+    )
+    tok = T3Tokenizer(small_dir / "tokenizer.json")
+    reqs = [
+        request("a", seed=1, max_new_tokens=10),
+        request(
+            "b", text="Two.", conditionals=make_conds(4), cfg_weight=0.0, seed=2, max_new_tokens=6
+        ),
+        request("c", text="Third one, a little longer.", seed=3, max_new_tokens=12),
+    ]
+    eager = T3BatchDecoder(model, tok, max_batch_size=3, max_seq_len=256, record_logits=True)
+    graphed = T3BatchDecoder(model, tok, max_batch_size=3, max_seq_len=256, record_logits=True)
+    with torch.inference_mode():
+        graphed.capture_graphs()
+    assert sorted(graphed._graphs) == [1, 2, 4, 6]
+    want, got = run_decoder(eager, reqs), run_decoder(graphed, reqs)
+    for r in reqs:
+        assert [o.token for o in got[r.request_id]] == [o.token for o in want[r.request_id]]
+        for a, b in zip(got[r.request_id], want[r.request_id], strict=True):
+            torch.testing.assert_close(a.logits, b.logits, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+async def test_full_size_bf16_streams_concurrent_requests(full_dir, graphs):
+    backend = TorchT3Backend(
+        full_dir, device="cuda", max_batch_size=8, max_seq_len=1536, cuda_graphs=graphs
+    )
+    await backend.start()
+    try:
+        model = backend.decoder.model
+        assert model.config.n_layers == 30 and model.dtype == torch.bfloat16
+        assert bool(backend.decoder._graphs) == graphs
+
+        async def run(n: int, tokens: int) -> float:
+            async def one(i: int) -> list[int]:
+                req = request(
+                    f"n{n}-{i}", seed=i, conditionals=make_conds(i), max_new_tokens=tokens
+                )
+                return [t async for d in backend.generate(req) for t in d]
+
+            start = time.perf_counter()
+            results = await asyncio.gather(*(one(i) for i in range(n)))
+            elapsed = time.perf_counter() - start
+            for got in results:
+                assert 0 < len(got) <= tokens and all(0 <= t < 6561 for t in got)
+            return elapsed
+
+        await run(1, 20)  # warm-up
+        for n in (1, 4, 8):
+            elapsed = await run(n, 150)
+            print(
+                f"\nT3 torch bf16, 30 layers, graphs={graphs}, {n} concurrent x 150 tokens: "
+                f"{elapsed:.2f} s, {elapsed / 150 * 1000:.1f} ms per step"
+            )
+    finally:
+        await backend.close()

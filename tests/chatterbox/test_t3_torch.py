@@ -1,0 +1,318 @@
+"""The torch T3 backend on CPU: guidance, batching, streaming, stop handling and cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+from chatterbox_sidecar.engines.chatterbox.t3_backend import T3Request
+from chatterbox_sidecar.engines.chatterbox.t3_model import T3Model
+from chatterbox_sidecar.engines.chatterbox.t3_text import T3Tokenizer
+from chatterbox_sidecar.engines.chatterbox.t3_torch import T3BatchDecoder, TorchT3Backend
+
+from .t3_checkpoint import write_random_t3_checkpoint, write_scripted_t3_checkpoint
+
+pytestmark = pytest.mark.torch
+
+TEXT = "Hello there, how are you today?"
+
+
+def make_conds(seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "speaker_emb": torch.randn(1, 256, generator=gen),
+        "clap_emb": None,
+        "cond_prompt_speech_tokens": torch.randint(0, 6561, (1, 150), generator=gen),
+        "cond_prompt_speech_emb": None,
+        "emotion_adv": 0.5 * torch.ones(1, 1, 1),
+    }
+
+
+@pytest.fixture(scope="module")
+def t3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Real key names, vocabularies and position tables; narrowed to 256 wide (4 heads of 64) so
+    # the many decoding runs here stay fast on 2 cores. test_t3_model.py loads the real width.
+    return write_random_t3_checkpoint(
+        tmp_path_factory.mktemp("t3"), n_layers=2, seed=0, hidden=256, intermediate=1024
+    )
+
+
+@pytest.fixture(scope="module")
+def model(t3_dir: Path) -> T3Model:
+    return T3Model.from_safetensors(t3_dir / "t3_cfg.safetensors", max_positions=512)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(t3_dir: Path) -> T3Tokenizer:
+    return T3Tokenizer(t3_dir / "tokenizer.json")
+
+
+def request(rid: str, **kw) -> T3Request:
+    defaults = dict(text=TEXT, conditionals=make_conds(1), max_new_tokens=12, seed=7)
+    return T3Request(rid, **{**defaults, **kw})
+
+
+def run_decoder(decoder: T3BatchDecoder, requests: list[T3Request]) -> dict[str, list]:
+    """Add all requests, then step until all finish; returns each request's outputs."""
+    outs: dict[str, list] = {r.request_id: [] for r in requests}
+    with torch.inference_mode():
+        for r in requests:
+            out = decoder.add(r)
+            outs[r.request_id].append(out)
+        while decoder.active_ids:
+            for out in decoder.step():
+                outs[out.request_id].append(out)
+    return outs
+
+
+# ---------------------------------------------------------------- guidance
+
+
+def reference_logits(model: T3Model, req: T3Request, ids: list[int], tokens: list[int]):
+    """Conditional and unconditional logits after ``tokens``, each from its own full pass.
+
+    The sequences are laid out by hand, as upstream's inference does: conditioning, text
+    (+ learned text positions; zeroed text, positions kept, for the unconditional row),
+    start-of-speech at speech position 0 twice, then each generated token at position i + 1.
+    """
+    with torch.inference_mode():
+        conds = req.conditionals
+        cond = model.conditioning(
+            conds["speaker_emb"], conds["cond_prompt_speech_tokens"], req.exaggeration
+        )
+        text_ids = torch.tensor(ids)
+        text_pos = model.text_pos_emb.emb.weight[: len(ids)]
+        text_c = model.text_emb.weight[text_ids] + text_pos
+        text_u = text_pos
+        bos = model.speech_emb.weight[6561] + model.speech_pos_emb.emb.weight[0]
+        speech = [
+            model.speech_emb.weight[t] + model.speech_pos_emb.emb.weight[i + 1]
+            for i, t in enumerate(tokens)
+        ]
+        tail = torch.stack([bos, bos, *speech])
+        seq_c = torch.cat([cond, text_c, tail])
+        seq_u = torch.cat([cond, text_u, tail])
+        h_c = model.forward_full(seq_c[None])[0, -1]
+        h_u = model.forward_full(seq_u[None])[0, -1]
+        return model.logits(h_c), model.logits(h_u)
+
+
+def test_cfg_step_matches_separate_cond_and_uncond_passes(model, tokenizer):
+    decoder = T3BatchDecoder(
+        model, tokenizer, max_batch_size=3, max_seq_len=256, record_logits=True
+    )
+    guided = request("guided", cfg_weight=0.5, max_new_tokens=6)
+    # A second request decoded alongside, with other text, voice and guidance weight.
+    other = request(
+        "other",
+        text="Something else entirely.",
+        conditionals=make_conds(2),
+        cfg_weight=1.3,
+        seed=3,
+        max_new_tokens=6,
+    )
+    outs = run_decoder(decoder, [other, guided])
+    for req in (guided, other):
+        ids = tokenizer.encode(req.text)
+        tokens = [o.token for o in outs[req.request_id]]
+        assert len(tokens) == 6
+        for step, out in enumerate(outs[req.request_id]):
+            cond, uncond = reference_logits(model, req, ids, tokens[:step])
+            assert (cond - uncond).abs().max() > 1e-3  # guidance has something to do
+            expected = cond + req.cfg_weight * (cond - uncond)
+            torch.testing.assert_close(out.logits, expected, atol=2e-4, rtol=1e-4)
+
+
+def test_no_guidance_uses_conditional_logits_and_one_slot(model, tokenizer):
+    decoder = T3BatchDecoder(
+        model, tokenizer, max_batch_size=1, max_seq_len=256, record_logits=True
+    )
+    plain = request("plain", cfg_weight=0.0, max_new_tokens=4)
+    assert decoder.slots_needed(plain) == 1
+    with torch.inference_mode():
+        first = decoder.add(plain)
+        assert decoder.free_slots == 1
+        second = decoder.step()[0]
+    ids = tokenizer.encode(plain.text)
+    for step, out in enumerate([first, second]):
+        cond, _ = reference_logits(model, plain, ids, [first.token][:step])
+        torch.testing.assert_close(out.logits, cond, atol=2e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- batching
+
+
+def test_batched_decoding_matches_each_request_alone(model, tokenizer):
+    reqs = [
+        request("a", seed=1, max_new_tokens=10),
+        request(
+            "b",
+            text="A much longer sentence, so the prompts differ in length.",
+            conditionals=make_conds(5),
+            seed=2,
+            temperature=1.0,
+            top_p=0.9,
+            max_new_tokens=14,
+        ),
+        request(
+            "c", text="Short.", cfg_weight=0.0, seed=3, repetition_penalty=2.0, max_new_tokens=8
+        ),
+    ]
+    alone = {}
+    for r in reqs:
+        decoder = T3BatchDecoder(model, tokenizer, max_batch_size=1, max_seq_len=256)
+        alone.update(run_decoder(decoder, [r]))
+    decoder = T3BatchDecoder(model, tokenizer, max_batch_size=3, max_seq_len=256)
+    together = run_decoder(decoder, reqs)
+    for r in reqs:
+        solo = [o.token for o in alone[r.request_id]]
+        assert [o.token for o in together[r.request_id]] == solo
+        assert len(solo) == r.max_new_tokens or solo[-1] == 6562
+    assert decoder.free_slots == 6  # everyone left and gave their slots back
+
+
+def test_seed_reproduces_and_distinguishes(model, tokenizer):
+    def tokens(seed: int) -> list[int]:
+        decoder = T3BatchDecoder(model, tokenizer, max_batch_size=1, max_seq_len=256)
+        outs = run_decoder(decoder, [request("r", seed=seed, max_new_tokens=10)])
+        return [o.token for o in outs["r"]]
+
+    assert tokens(11) == tokens(11)
+    assert tokens(11) != tokens(12)
+
+
+async def collect(backend: TorchT3Backend, req: T3Request) -> list[int]:
+    out: list[int] = []
+    async for delta in backend.generate(req):
+        assert delta, "empty delta"
+        out.extend(delta)
+    return out
+
+
+async def test_backend_streams_concurrent_requests_like_alone(t3_dir, model, tokenizer):
+    reqs = [
+        request(f"r{i}", seed=i, conditionals=make_conds(i), max_new_tokens=9) for i in range(3)
+    ]
+    expected = {}
+    for r in reqs:
+        decoder = T3BatchDecoder(model, tokenizer, max_batch_size=1, max_seq_len=256)
+        tokens = [o.token for o in run_decoder(decoder, [r])[r.request_id]]
+        expected[r.request_id] = [t for t in tokens if t < 6561]
+    backend = TorchT3Backend(t3_dir, device="cpu", max_batch_size=2, max_seq_len=256)
+    await backend.start()
+    try:
+        # Three requests, room for two: the third waits for a place, then joins.
+        results = await asyncio.gather(*(collect(backend, r) for r in reqs))
+    finally:
+        await backend.close()
+    for r, got in zip(reqs, results, strict=True):
+        assert got == expected[r.request_id]
+        assert all(0 <= t < 6561 for t in got)
+
+
+# ---------------------------------------------------------------- stop, budget, invalid ids
+
+
+@pytest.fixture(scope="module")
+def scripted_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # 6563 and 6561-and-up are not speech: never delivered; 6562 stops; 44 is never reached.
+    script = [11, 22, 6563, 33, 8000, 6562, 44]
+    return write_scripted_t3_checkpoint(tmp_path_factory.mktemp("t3s"), script, n_layers=1)
+
+
+@pytest.mark.parametrize("cfg_weight", [0.5, 0.0])
+async def test_stop_token_ends_and_invalid_ids_are_dropped(scripted_dir, cfg_weight):
+    backend = TorchT3Backend(scripted_dir, max_batch_size=2, max_seq_len=256)
+    await backend.start()
+    try:
+        deltas = [
+            d
+            async for d in backend.generate(request("s", cfg_weight=cfg_weight, max_new_tokens=50))
+        ]
+    finally:
+        await backend.close()
+    assert sum(deltas, []) == [11, 22, 33]
+
+
+async def test_budget_cuts_generation(scripted_dir):
+    backend = TorchT3Backend(scripted_dir, max_batch_size=1, max_seq_len=256)
+    await backend.start()
+    try:
+        assert await collect(backend, request("b", max_new_tokens=2)) == [11, 22]
+        # The budget counts sampled ids, delivered or not (6563 is the third).
+        assert await collect(backend, request("c", max_new_tokens=4)) == [11, 22, 33]
+    finally:
+        await backend.close()
+
+
+async def test_prompt_longer_than_a_slot_fails_the_request(t3_dir):
+    backend = TorchT3Backend(t3_dir, max_batch_size=1, max_seq_len=64)
+    await backend.start()
+    try:
+        with pytest.raises(ValueError, match="max_seq_len"):
+            await collect(backend, request("long", text="word " * 60))
+        # The backend keeps serving.
+        assert len(await collect(backend, request("ok", text="Hi.", max_new_tokens=3))) <= 3
+    finally:
+        await backend.close()
+
+
+# ---------------------------------------------------------------- cancellation
+
+
+async def wait_idle(backend: TorchT3Backend, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while backend.decoder.active_ids:
+        assert asyncio.get_running_loop().time() < deadline, "request still decoding"
+        await asyncio.sleep(0.01)
+
+
+async def test_closing_the_stream_aborts_the_request(t3_dir):
+    backend = TorchT3Backend(t3_dir, max_batch_size=2, max_seq_len=512)
+    await backend.start()
+    try:
+        stream = backend.generate(request("long", max_new_tokens=400))
+        other = asyncio.create_task(collect(backend, request("other", max_new_tokens=15)))
+        got = []
+        async for delta in stream:
+            got.extend(delta)
+            if len(got) >= 3:
+                break
+        await stream.aclose()
+        assert len(await other) <= 15  # the neighbour finishes normally
+        await wait_idle(backend)
+        assert backend.decoder.free_slots == 4
+    finally:
+        await backend.close()
+
+
+async def test_cancelling_the_consumer_aborts_the_request(t3_dir):
+    backend = TorchT3Backend(t3_dir, max_batch_size=1, max_seq_len=512)
+    await backend.start()
+    try:
+        started = asyncio.Event()
+
+        async def consume() -> None:
+            async for _ in backend.generate(request("c", max_new_tokens=400)):
+                started.set()
+
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(started.wait(), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_idle(backend)
+        # A queued request that is closed before it gets a place never runs.
+        blocker = backend.generate(request("blocker", max_new_tokens=400))
+        queued = backend.generate(request("queued", max_new_tokens=400))
+        await queued.aclose()
+        await blocker.__anext__()
+        await blocker.aclose()
+        await wait_idle(backend)
+        assert backend.decoder.free_slots == 2
+        # ... and the backend still serves.
+        assert len(await collect(backend, request("after", max_new_tokens=3))) <= 3
+    finally:
+        await backend.close()
