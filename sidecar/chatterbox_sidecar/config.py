@@ -108,7 +108,7 @@ class SidecarConfig:
             log_dir=r.path("TTS_LOG_DIR", Path("logs")),
             log_level=r.choice("TTS_LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
             api_key=r.str("TTS_API_KEY", "") or None,
-            chunk_size=r.int("TTS_CHUNK_SIZE", 25, 4, 500),
+            chunk_size=r.int("TTS_CHUNK_SIZE", 25, 8, 500),
             context_window=r.int("TTS_CONTEXT_WINDOW", 50, 0, 1000),
             streaming=r.bool("TTS_STREAMING", True),
             max_text_chars=r.int("TTS_MAX_TEXT_CHARS", 20_000, 1, 10_000_000),

@@ -52,6 +52,24 @@ def create_engine(config: SidecarConfig) -> Engine:
         from chatterbox_sidecar.engines.piper import PiperEngine
 
         return PiperEngine(config.piper_model, config.engine_concurrency)
-    from chatterbox_sidecar.engines.chatterbox import create_chatterbox_engine
+    from chatterbox_sidecar.engines.chatterbox.engine import (
+        ChatterboxEngine,
+        ChatterboxEngineConfig,
+    )
 
-    return create_chatterbox_engine(config)
+    device = config.device
+    if device == "auto":
+        device = "cuda" if _cuda_available() else "cpu"
+    engine_config = ChatterboxEngineConfig(
+        model_dir=config.model_dir,
+        t3_model_dir=config.t3_model_dir,
+        t3_backend=config.t3_backend,
+        device=device,
+        chunk_size=config.chunk_size,
+        first_chunk_size=min(config.chunk_size, ChatterboxEngineConfig.first_chunk_size),
+        context_window=config.context_window,
+        flow_steps=config.flow_steps,
+        streaming_default=config.streaming,
+        **({"max_concurrency": config.engine_concurrency} if config.engine_concurrency else {}),
+    )
+    return ChatterboxEngine(engine_config)
