@@ -97,7 +97,11 @@ def create_app(config: BotConfig, public_host: str | None = None) -> FastAPI:
     async def incoming_call(request: Request) -> Response:
         form = parse_qs((await request.body()).decode("utf-8", "replace"))
         caller = form.get("From", [""])[0]
-        host = public_host or request.headers.get("x-forwarded-host") or request.headers["host"]
+        host = (
+            public_host
+            or request.headers.get("x-forwarded-host")
+            or request.headers.get("host", request.url.netloc)
+        )
         url = stream_url(host)
         logger.info(f"incoming call from {caller or 'unknown'}: streaming to {url}")
         parameters = {"from_number": caller} if caller else None

