@@ -43,7 +43,8 @@ class SidecarConfig:
         engine_concurrency: Contexts generated at once, 0 for the engine's default
             (``TTS_ENGINE_CONCURRENCY``).
         model_dir: Chatterbox weights folder, or None to download (``TTS_MODEL_DIR``).
-        t3_model_dir: vLLM model folder (``TTS_T3_MODEL_DIR``).
+        t3_model_dir: vLLM model folder (``TTS_T3_MODEL_DIR``); by default ``t3-model/`` in a
+            source checkout, else the engine's cache folder. Never relative to the CWD.
         t3_backend: ``auto``, ``vllm`` or ``torch`` (``TTS_T3_BACKEND``).
         device: Torch device for the chatterbox engine (``TTS_DEVICE``).
         flow_steps: S3Gen flow-matching steps (``TTS_FLOW_STEPS``).
@@ -73,7 +74,7 @@ class SidecarConfig:
     max_contexts_per_connection: int = 16
     engine_concurrency: int = 0
     model_dir: Path | None = None
-    t3_model_dir: Path = field(default_factory=lambda: Path("t3-model"))
+    t3_model_dir: Path | None = None
     t3_backend: str = "auto"
     device: str = "auto"
     flow_steps: int = 10
@@ -98,7 +99,8 @@ class SidecarConfig:
         """
         env = os.environ if env is None else env
         r = _Reader(env)
-        project_root = Path(__file__).resolve().parents[2]
+        checkout = Path(__file__).resolve().parents[2]
+        default_t3_dir = checkout / "t3-model" if (checkout / "pyproject.toml").is_file() else None
         config = cls(
             host=r.str("TTS_HOST", "0.0.0.0"),
             port=r.int("TTS_PORT", 8002, 0, 65535),
@@ -116,8 +118,7 @@ class SidecarConfig:
             max_contexts_per_connection=r.int("TTS_MAX_CONTEXTS", 16, 1, 10_000),
             engine_concurrency=r.int("TTS_ENGINE_CONCURRENCY", 0, 0, 10_000),
             model_dir=r.path("TTS_MODEL_DIR", None),
-            # the vLLM model folder lives beside the project by default, never in the CWD
-            t3_model_dir=r.path("TTS_T3_MODEL_DIR", project_root / "t3-model"),
+            t3_model_dir=r.path("TTS_T3_MODEL_DIR", default_t3_dir),
             t3_backend=r.choice("TTS_T3_BACKEND", "auto", T3_BACKENDS),
             device=r.str("TTS_DEVICE", "auto"),
             flow_steps=r.int("TTS_FLOW_STEPS", 10, 1, 100),
