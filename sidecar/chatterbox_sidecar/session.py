@@ -36,6 +36,7 @@ from chatterbox_sidecar.voices import Voice
 
 AUDIO_QUEUE_CHUNKS = 64  # encoded chunks a context may hold before its generation waits
 ENDED_IDS_REMEMBERED = 4096
+LONG_TEXT_CHARS = 1000  # text pieces longer than this are segmented in a worker thread
 
 Send = Callable[[str | bytes], Awaitable[None]]
 CloseConnection = Callable[[int, str], Awaitable[None]]
@@ -99,24 +100,35 @@ class Context:
         """Start generating."""
         self._task = asyncio.create_task(self._generate(), name=f"tts-ctx-{self.context_id}")
 
-    def add_text(self, text: str) -> None:
+    async def add_text(self, text: str) -> None:
         """Append text; complete segments go to the engine at once.
 
         Args:
             text: The next piece, concatenated verbatim to what came before.
         """
         self.text_chars += len(text)
-        for segment in self._segmenter.push(text):
-            self._segments.put_nowait(segment)
+        self._queue_segments(await self._segment(self._segmenter.push, text, len(text)))
 
-    def close_text(self) -> None:
+    async def close_text(self) -> None:
         """Mark the text complete: the rest goes to the engine and generation can finish."""
         if self.text_complete:
             return
         self.text_complete = True
-        for segment in self._segmenter.flush():
-            self._segments.put_nowait(segment)
+        self._queue_segments(await self._segment(self._segmenter.flush, None, self.text_chars))
         self._segments.put_nowait(None)
+
+    @staticmethod
+    async def _segment(fn, arg, size: int) -> list[str]:
+        # Splitting and normalising cost tens of microseconds a character: a long text is done
+        # off the event loop so that other connections' audio keeps flowing meanwhile.
+        args = () if arg is None else (arg,)
+        if size > LONG_TEXT_CHARS:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
+
+    def _queue_segments(self, segments: list[str]) -> None:
+        for segment in segments:
+            self._segments.put_nowait(segment)
 
     def cancel(self) -> None:
         """Stop generating at once and drop queued audio; delivery sees the cancel next."""
@@ -228,7 +240,7 @@ class Session:
         elif isinstance(message, Flush):
             ctx = self._contexts.get(message.context_id)
             if ctx is not None:
-                ctx.close_text()
+                await ctx.close_text()
         elif isinstance(message, Cancel):
             await self._cancel(message.context_id)
         elif isinstance(message, RegisterVoice | DeleteVoice):
@@ -294,9 +306,9 @@ class Session:
             await self._end_with_error(ctx, _too_long(context_id, app.config.max_text_chars))
             return
         app.metrics.characters.inc(len(msg.text))
-        ctx.add_text(msg.text)
+        await ctx.add_text(msg.text)
         if not msg.continue_:
-            ctx.close_text()
+            await ctx.close_text()
 
     async def _end_with_error(self, ctx: Context, error: ProtocolError) -> None:
         ctx.cancel()
