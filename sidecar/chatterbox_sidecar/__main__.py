@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import signal
 import sys
@@ -38,6 +39,14 @@ async def _serve(config: SidecarConfig) -> int:
 
 def main() -> None:
     """Read the environment, then serve until SIGINT or SIGTERM."""
+    parser = argparse.ArgumentParser(
+        prog="chatterbox-sidecar",
+        description="Streaming TTS websocket server (protocol v1 at /v1/stream/tts), configured "
+        "by environment variables: TTS_HOST, TTS_PORT, TTS_ENGINE, TTS_VOICES_DIR, TTS_API_KEY "
+        "and more (see README.md). SIGTERM drains, a second SIGTERM stops at once.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.parse_args()
     try:
         config = SidecarConfig.from_env()
     except ConfigError as e:
