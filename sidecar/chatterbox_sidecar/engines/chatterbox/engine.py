@@ -51,6 +51,11 @@ T = TypeVar("T")
 CONDS_FILE = "conds.pt"
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
 _CLAUSE_END = re.compile(r"(?<=[,])\s+")
+# S3Gen reference cap on CUDA, in seconds. Every chunk's flow re-processes the prompt: on the
+# H100, 4 s instead of 10 s halves a 64-stream S3Gen batch (1.32 s -> 0.64 s) and cuts a single
+# chunk by ~6 ms (benchmarks/NOTES.md). The speaker embedding still comes from the whole clip;
+# the effect on voice similarity is unmeasured (random weights): set 10 for upstream behaviour.
+CUDA_REFERENCE_SECONDS = 4.0
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,10 @@ class ChatterboxEngineConfig:
         device: ``cuda`` (or ``cuda:N``) or ``cpu``.
         dtype: T3 dtype for the torch backend (None: bfloat16 on CUDA, float32 on CPU).
         s3gen_dtype: S3Gen dtype (upstream runs it in float32).
+        flow_dtype: Dtype of S3Gen's flow estimator (None: bfloat16 on CUDA, else
+            ``s3gen_dtype``); the encoder and vocoder stay in ``s3gen_dtype``.
+        cuda_graphs: Replay S3Gen as CUDA graphs at bucketed shapes (None: on CUDA).
+        s3gen_max_batch: Most streams whose chunks share one S3Gen call.
         chunk_size: New speech tokens per streamed chunk (``TTS_CHUNK_SIZE``).
         first_chunk_size: New tokens of the first chunk (smaller: earlier first audio; >= 7).
         context_window: Tokens of left context per chunk (``TTS_CONTEXT_WINDOW``).
@@ -74,7 +83,8 @@ class ChatterboxEngineConfig:
         max_concurrency: Contexts generated at once (T3 batch size).
         max_text_chars_per_piece: Longest text piece sent to T3; longer segments are split.
         reference_seconds: Cap on the S3Gen reference prompt, in seconds (upstream: 10); every
-            chunk re-processes the prompt, so a shorter one makes S3Gen cheaper.
+            chunk re-processes the prompt, so a shorter one makes S3Gen cheaper. None: 10 on
+            CPU, ``CUDA_REFERENCE_SECONDS`` on CUDA.
         t3_reference_seconds: Seconds of reference tokenized for T3's prompt (upstream: 6).
         top_p: T3 nucleus sampling threshold.
         min_p: T3 minimum relative probability.
@@ -93,6 +103,9 @@ class ChatterboxEngineConfig:
     device: str = "cuda"
     dtype: str | None = None
     s3gen_dtype: str = "float32"
+    flow_dtype: str | None = None
+    cuda_graphs: bool | None = None
+    s3gen_max_batch: int = 64
     chunk_size: int = 25
     first_chunk_size: int = 10
     context_window: int = 50
@@ -100,7 +113,7 @@ class ChatterboxEngineConfig:
     streaming_default: bool = True
     max_concurrency: int = 8
     max_text_chars_per_piece: int = 300
-    reference_seconds: float = 10.0
+    reference_seconds: float | None = None
     t3_reference_seconds: float = 6.0
     top_p: float = 1.0
     min_p: float = 0.05
@@ -111,6 +124,17 @@ class ChatterboxEngineConfig:
     enforce_eager: bool = True
     cfg_scale: float = 0.5
     warmup: bool = True
+
+    @property
+    def on_cuda(self) -> bool:
+        """Returns: whether the engine runs on a CUDA device."""
+        return self.device.startswith("cuda")
+
+    def resolved_reference_seconds(self) -> float:
+        """Returns: the S3Gen reference cap in seconds (the device default when unset)."""
+        if self.reference_seconds is not None:
+            return self.reference_seconds
+        return CUDA_REFERENCE_SECONDS if self.on_cuda else 10.0
 
     def stream_config(self) -> StreamConfig:
         """Returns: the S3Gen chunking configuration (validates the sizes)."""
@@ -137,6 +161,90 @@ class _TokenPump:
     done: bool = False
     error: BaseException | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class _ChunkBatcher:
+    """Gathers the chunks that streams want decoded; S3Gen decodes whatever is ready together.
+
+    Every stream awaits :meth:`decode`. One drain task hands all requests waiting at that moment
+    (no waiting for more) to the S3Gen worker as one batch (rows = streams), so while the worker
+    is busy the next batch fills up by itself. A single request goes through
+    ``decoder.decode_chunk``.
+
+    Args:
+        decoder: The S3Gen decoder.
+        run: Runs a function in the S3Gen worker thread (``ChatterboxEngine._in_s3``).
+        max_batch: Most chunks per batch.
+    """
+
+    def __init__(
+        self,
+        decoder: S3GenStreamDecoder,
+        run: Callable[..., Any],
+        max_batch: int,
+    ):
+        self._decoder = decoder
+        self._run = run
+        self._max_batch = max(1, max_batch)
+        self._waiting: list[tuple[StreamState, bool, asyncio.Future]] = []
+        self._drain_task: asyncio.Task | None = None
+        self.batches = 0
+        self.chunks = 0
+
+    async def decode(self, stream: StreamState, finalize: bool) -> np.ndarray:
+        """Decode ``stream``'s next chunk in the next batch.
+
+        Args:
+            stream: The stream (ready, or finalizing).
+            finalize: Whether its utterance is complete.
+
+        Returns:
+            The new audio (float32, 24 kHz).
+        """
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((stream, finalize, future))
+        if self._drain_task is None or self._drain_task.done():
+            self._drain_task = asyncio.create_task(self._drain(), name="s3gen-batcher")
+        return await future
+
+    async def _drain(self) -> None:
+        while self._waiting:
+            batch = [w for w in self._waiting[: self._max_batch] if not w[2].done()]
+            del self._waiting[: self._max_batch]
+            if not batch:
+                continue
+            streams = [w[0] for w in batch]
+            finals = [w[1] for w in batch]
+            try:
+                if len(batch) == 1:
+                    audios = [await self._run(self._decoder.decode_chunk, streams[0], finals[0])]
+                else:
+                    audios = await self._run(self._decoder.decode_chunks, streams, finals)
+            except asyncio.CancelledError:
+                for _, _, future in batch:
+                    future.cancel()
+                raise
+            except Exception as e:  # noqa: BLE001 - every stream of the batch hears of it
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            self.batches += 1
+            self.chunks += len(batch)
+            for (_, _, future), audio in zip(batch, audios, strict=True):
+                if not future.done():
+                    future.set_result(audio)
+
+    async def close(self) -> None:
+        """Stop the drain task; waiting streams are cancelled."""
+        task, self._drain_task = self._drain_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with suppress(asyncio.CancelledError, Exception):
+                await task
+        for _, _, future in self._waiting:
+            future.cancel()
+        self._waiting.clear()
 
 
 def split_text(text: str, max_chars: int) -> list[str]:
@@ -200,6 +308,7 @@ class ChatterboxEngine(Engine):
         self._s3gen: Any = None
         self._ve: Any = None
         self._decoder: S3GenStreamDecoder | None = None
+        self._batcher: _ChunkBatcher | None = None
         self._default: _CachedVoice | None = None
         self._voices: dict[str, _CachedVoice] = {}
         self._voice_locks: dict[str, asyncio.Lock] = {}
@@ -219,8 +328,8 @@ class ChatterboxEngine(Engine):
                 self._t3 = self._make_t3_backend(self._model_dir)
             await self._t3.start()
             if cfg.warmup:
-                assert self._default is not None and self._decoder is not None
-                await self._in_s3(self._decoder.decode_whole, self._default.reference, range(10))
+                assert self._default is not None
+                await self._in_s3(self._warm_up, self._default.reference)
         except EngineError:
             raise
         except Exception as e:
@@ -228,7 +337,8 @@ class ChatterboxEngine(Engine):
         logger.info(
             f"{self}: ready on {cfg.device} (T3 {type(self._t3).__name__}, chunks "
             f"{cfg.first_chunk_size}/{cfg.chunk_size} tokens, context {cfg.context_window}, "
-            f"{cfg.flow_steps} flow steps, reference <= {cfg.reference_seconds:g} s)"
+            f"{cfg.flow_steps} flow steps, reference <= {cfg.resolved_reference_seconds():g} s, "
+            f"S3Gen graphs {self._decoder.cuda_graphs}, flow {self._decoder.flow_dtype})"
         )
 
     def _load_s3gen(self) -> None:
@@ -245,9 +355,37 @@ class ChatterboxEngine(Engine):
         dtype = getattr(torch, self.config.s3gen_dtype)
         self._s3gen = load_s3gen(self._model_dir / S3GEN_FILE, self.config.device, dtype)
         self._ve = load_voice_encoder(self._model_dir / VE_FILE, self.config.device)
-        self._decoder = S3GenStreamDecoder(self._s3gen, self._stream_config)
+        flow_dtype = self.config.flow_dtype or (
+            "bfloat16" if self.config.on_cuda else self.config.s3gen_dtype
+        )
+        self._decoder = S3GenStreamDecoder(
+            self._s3gen,
+            self._stream_config,
+            cuda_graphs=self.config.cuda_graphs,
+            flow_dtype=getattr(torch, flow_dtype),
+        )
+        self._batcher = _ChunkBatcher(self._decoder, self._in_s3, self.config.s3gen_max_batch)
         conds = VoiceConditionals.load(self._model_dir / CONDS_FILE)
         self._default = _CachedVoice("", conds, self._reference(conds))
+
+    def _warm_up(self, reference: Reference) -> None:
+        """Decode a few tokens so that the first request does not pay for lazy set-up.
+
+        With CUDA graphs, a streamed utterance is decoded too: every chunk shape of one stream
+        is met once and its graphs are recorded here rather than during the first request.
+        """
+        assert self._decoder is not None
+        self._decoder.decode_whole(reference, range(10))
+        if not self._decoder.cuda_graphs:
+            return
+        cfg = self._stream_config
+        tokens = cfg.first_chunk_size + 4 * cfg.chunk_size + cfg.context_window + 3
+        for _ in range(2):  # a shape is recorded at its second use (GraphCache.min_uses)
+            stream = self._decoder.new_stream(reference)
+            stream.push(range(100, 100 + tokens))
+            while stream.ready(cfg):
+                self._decoder.decode_chunk(stream, False)
+            self._decoder.decode_chunk(stream, True)
 
     def _make_t3_backend(self, model_dir: Path) -> T3Backend:
         cfg = self.config
@@ -287,6 +425,8 @@ class ChatterboxEngine(Engine):
         if self._t3 is not None:
             with suppress(Exception):
                 await self._t3.close()
+        if self._batcher is not None:
+            await self._batcher.close()
         self._s3_executor.shutdown(wait=False, cancel_futures=True)
         self._voice_executor.shutdown(wait=False, cancel_futures=True)
 
@@ -295,7 +435,7 @@ class ChatterboxEngine(Engine):
     def _reference(self, conds: VoiceConditionals) -> Reference:
         import torch
 
-        gen = cap_reference(conds.gen, self.config.reference_seconds)
+        gen = cap_reference(conds.gen, self.config.resolved_reference_seconds())
         return Reference.from_gen(
             gen, torch.device(self.config.device), getattr(torch, self.config.s3gen_dtype)
         )
@@ -409,8 +549,8 @@ class ChatterboxEngine(Engine):
     async def _stream_piece(
         self, request: T3Request, reference: Reference
     ) -> AsyncIterator[np.ndarray]:
-        assert self._t3 is not None and self._decoder is not None
-        decoder, cfg = self._decoder, self._stream_config
+        assert self._t3 is not None and self._decoder is not None and self._batcher is not None
+        decoder, cfg, batcher = self._decoder, self._stream_config, self._batcher
         stream = decoder.new_stream(reference)
         pump = _TokenPump()
         task = asyncio.create_task(self._pump(request, pump), name=f"t3-{request.request_id}")
@@ -421,9 +561,9 @@ class ChatterboxEngine(Engine):
                 if pump.error is not None:
                     raise EngineError(f"T3 failed: {pump.error}") from pump.error
                 if stream.ready(cfg):
-                    audio = await self._in_s3(decoder.decode_chunk, stream, False)
+                    audio = await batcher.decode(stream, False)
                 elif pump.done:
-                    audio = await self._in_s3(decoder.decode_chunk, stream, True)
+                    audio = await batcher.decode(stream, True)
                 else:
                     pump.changed.clear()
                     await pump.changed.wait()
