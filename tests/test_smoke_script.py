@@ -1,4 +1,4 @@
-"""The GPU smoke script's checks, run against the CPU engine (the GPU path differs only in engine)."""
+"""The GPU smoke script's checks, run against the CPU engine (only the engine differs on a GPU)."""
 
 from __future__ import annotations
 
