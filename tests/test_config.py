@@ -49,11 +49,18 @@ def test_values_are_read():
         ("TTS_LOG_LEVEL", "LOUD"),
         ("CUDA_VISIBLE_DEVICES", "zero"),
         ("TTS_MODEL_DIR", "/no/such/folder"),
+        ("TTS_FIRST_CHUNK_SIZE", "3"),
+        ("TTS_REFERENCE_SECONDS", "12"),
     ],
 )
 def test_bad_values_name_the_variable(name, value):
     with pytest.raises(ConfigError, match=name):
         SidecarConfig.from_env({name: value})
+
+
+def test_first_chunk_cannot_exceed_the_chunk():
+    with pytest.raises(ConfigError, match="TTS_FIRST_CHUNK_SIZE"):
+        SidecarConfig.from_env({"TTS_CHUNK_SIZE": "12", "TTS_FIRST_CHUNK_SIZE": "20"})
 
 
 def test_bad_value_stops_the_server_at_start(tmp_path):

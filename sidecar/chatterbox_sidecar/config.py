@@ -48,6 +48,10 @@ class SidecarConfig:
         t3_backend: ``auto``, ``vllm`` or ``torch`` (``TTS_T3_BACKEND``).
         device: Torch device for the chatterbox engine (``TTS_DEVICE``).
         flow_steps: S3Gen flow-matching steps (``TTS_FLOW_STEPS``).
+        first_chunk_size: New speech tokens in a context's first streamed chunk
+            (``TTS_FIRST_CHUNK_SIZE``).
+        reference_seconds: Cap on the S3Gen reference prompt, 0 for the engine's default (4 s on
+            CUDA, 10 s on CPU) (``TTS_REFERENCE_SECONDS``).
         piper_model: Piper ``.onnx`` voice, or None for the bundled one (``TTS_PIPER_MODEL``).
         max_active_contexts: Contexts open across all connections before new ones get ``busy``;
             0 for 8 per engine slot (``TTS_MAX_ACTIVE_CONTEXTS``).
@@ -79,6 +83,8 @@ class SidecarConfig:
     device: str = "auto"
     flow_steps: int = 10
     piper_model: Path | None = None
+    first_chunk_size: int = 10
+    reference_seconds: float = 0.0
     max_active_contexts: int = 0
     drain_seconds: float = 30.0
     stall_seconds: float = 10.0
@@ -110,7 +116,7 @@ class SidecarConfig:
             log_dir=r.path("TTS_LOG_DIR", Path("logs")),
             log_level=r.choice("TTS_LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
             api_key=r.str("TTS_API_KEY", "") or None,
-            chunk_size=r.int("TTS_CHUNK_SIZE", 25, 8, 500),
+            chunk_size=r.int("TTS_CHUNK_SIZE", 25, 10, 500),
             context_window=r.int("TTS_CONTEXT_WINDOW", 50, 0, 1000),
             streaming=r.bool("TTS_STREAMING", True),
             max_text_chars=r.int("TTS_MAX_TEXT_CHARS", 20_000, 1, 10_000_000),
@@ -123,6 +129,8 @@ class SidecarConfig:
             device=r.str("TTS_DEVICE", "auto"),
             flow_steps=r.int("TTS_FLOW_STEPS", 10, 1, 100),
             piper_model=r.path("TTS_PIPER_MODEL", None),
+            first_chunk_size=r.int("TTS_FIRST_CHUNK_SIZE", 10, 7, 500),
+            reference_seconds=r.float("TTS_REFERENCE_SECONDS", 0.0, 0.0, 10.0),
             max_active_contexts=r.int("TTS_MAX_ACTIVE_CONTEXTS", 0, 0, 1_000_000),
             drain_seconds=r.float("TTS_DRAIN_SECONDS", 30.0, 0.0, 3600.0),
             stall_seconds=r.float("TTS_STALL_SECONDS", 10.0, 0.1, 3600.0),
@@ -133,6 +141,8 @@ class SidecarConfig:
             raise ConfigError("TTS_HOST must not be empty")
         if config.piper_model is not None and not config.piper_model.is_file():
             raise ConfigError(f"TTS_PIPER_MODEL: no such file: {config.piper_model}")
+        if config.first_chunk_size > config.chunk_size:
+            raise ConfigError("TTS_FIRST_CHUNK_SIZE must not exceed TTS_CHUNK_SIZE")
         if config.model_dir is not None and not config.model_dir.is_dir():
             raise ConfigError(f"TTS_MODEL_DIR: no such folder: {config.model_dir}")
         return config
