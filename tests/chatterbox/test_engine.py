@@ -19,7 +19,6 @@ import torch
 from chatterbox_sidecar.engines.base import EngineError, SynthesisParams
 from chatterbox_sidecar.engines.chatterbox import ChatterboxEngine, ChatterboxEngineConfig
 from chatterbox_sidecar.engines.chatterbox import engine as engine_module
-from chatterbox_sidecar.engines.chatterbox.engine import split_text
 from chatterbox_sidecar.engines.chatterbox.model_files import speech_token_budget
 from chatterbox_sidecar.engines.chatterbox.s3gen_stream import SAMPLES_PER_TOKEN
 from chatterbox_sidecar.engines.chatterbox.t3_backend import T3Backend, T3Request
@@ -309,13 +308,3 @@ async def test_bad_configuration():
     with pytest.raises(EngineError):
         await eng.start()
     await eng.close()
-
-
-async def test_split_text():
-    text = " ".join(f"Sentence number {i} is here, with a clause." for i in range(20))
-    pieces = split_text(text, 100)
-    assert all(0 < len(p) <= 100 for p in pieces)
-    assert " ".join(pieces) == text
-    assert split_text("  short   text ", 300) == ["short text"]
-    assert split_text("", 300) == []
-    assert all(len(p) <= 10 for p in split_text("x" * 35, 10))

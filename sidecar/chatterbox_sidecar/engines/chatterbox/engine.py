@@ -13,7 +13,6 @@ audio iterator aborts the T3 request; at most the chunk being decoded is finishe
 from __future__ import annotations
 
 import asyncio
-import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -45,12 +44,11 @@ from chatterbox_sidecar.engines.chatterbox.s3gen_stream import (
     StreamState,
 )
 from chatterbox_sidecar.engines.chatterbox.t3_backend import T3Backend, T3Request
+from chatterbox_sidecar.text import split_text
 from chatterbox_sidecar.voices import Voice
 
 T = TypeVar("T")
 CONDS_FILE = "conds.pt"
-_SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
-_CLAUSE_END = re.compile(r"(?<=[,])\s+")
 # S3Gen reference cap on CUDA, in seconds. Every chunk's flow re-processes the prompt: on the
 # H100, 4 s instead of 10 s halves a 64-stream S3Gen batch (1.32 s -> 0.64 s) and cuts a single
 # chunk by ~6 ms (benchmarks/NOTES.md). The speaker embedding still comes from the whole clip;
@@ -245,40 +243,6 @@ class _ChunkBatcher:
         for _, _, future in self._waiting:
             future.cancel()
         self._waiting.clear()
-
-
-def split_text(text: str, max_chars: int) -> list[str]:
-    """Split text into pieces of at most ``max_chars``, at sentence, clause or word boundaries.
-
-    Args:
-        text: A segment.
-        max_chars: Longest piece.
-
-    Returns:
-        The non-empty pieces, in order.
-    """
-    text = " ".join(text.split())
-    if not text:
-        return []
-    if len(text) <= max_chars:
-        return [text]
-    pieces: list[str] = []
-    for pattern in (_SENTENCE_END, _CLAUSE_END, re.compile(r"\s+")):
-        parts = pattern.split(text)
-        if len(parts) > 1:
-            current = ""
-            for part in parts:
-                candidate = f"{current} {part}" if current else part
-                if len(candidate) <= max_chars:
-                    current = candidate
-                    continue
-                if current:
-                    pieces.append(current)
-                current = part
-            if current:
-                pieces.append(current)
-            return [p for piece in pieces for p in split_text(piece, max_chars)]
-    return [text[i : i + max_chars] for i in range(0, len(text), max_chars)]
 
 
 class ChatterboxEngine(Engine):
@@ -509,7 +473,7 @@ class ChatterboxEngine(Engine):
         if params.streaming:
             index = 0
             async for segment in segments:
-                for piece in split_text(segment, self.config.max_text_chars_per_piece):
+                for piece in self._pieces(segment):
                     request = self._request(f"{context}-{index}", piece, cached, params)
                     index += 1
                     # aclosing: T3 is aborted when our consumer stops, not at garbage collection
@@ -517,14 +481,17 @@ class ChatterboxEngine(Engine):
                         async for audio in audios:
                             yield audio
         else:
-            pieces = [
-                piece
-                async for segment in segments
-                for piece in split_text(segment, self.config.max_text_chars_per_piece)
-            ]
+            pieces = [piece async for segment in segments for piece in self._pieces(segment)]
             async with aclosing(self._batch(context, pieces, cached, params)) as audios:
                 async for audio in audios:
                     yield audio
+
+    def _pieces(self, segment: str) -> list[str]:
+        # The server's segmenter already keeps segments within info.max_segment_chars; a direct
+        # caller's longer segment is split by the same shared splitter.
+        if len(segment) <= self.config.max_text_chars_per_piece:
+            return [segment] if segment.strip() else []
+        return split_text(segment, self.config.max_text_chars_per_piece)
 
     def _request(
         self, request_id: str, text: str, cached: _CachedVoice, params: SynthesisParams
@@ -654,4 +621,4 @@ def _vllm_importable() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-__all__ = ["ChatterboxEngine", "ChatterboxEngineConfig", "StreamState", "split_text"]
+__all__ = ["ChatterboxEngine", "ChatterboxEngineConfig", "StreamState"]
