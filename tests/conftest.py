@@ -24,6 +24,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float, describe) -> bool:
+    """Poll ``url`` until it answers 200; False on timeout.
+
+    Raises:
+        RuntimeError: If the process exits first (with ``describe()`` in the message).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited ({proc.returncode}):\n{describe()}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return True
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        time.sleep(0.1)
+    return False
+
+
 class SidecarProcess:
     """A sidecar (``python -m chatterbox_sidecar``) running in a subprocess."""
 
@@ -62,19 +82,8 @@ class SidecarProcess:
                 stdout=subprocess.DEVNULL,
                 stderr=err,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"sidecar exited ({self.proc.returncode}):\n{self.stderr_text()}"
-                )
-            try:
-                with urllib.request.urlopen(f"{self.http_url}/health", timeout=1) as r:
-                    if r.status == 200:
-                        return self
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            time.sleep(0.1)
+        if wait_healthy(f"{self.http_url}/health", self.proc, timeout, self.stderr_text):
+            return self
         self.stop()
         raise TimeoutError(f"sidecar not healthy after {timeout} s:\n{self.stderr_text()}")
 

@@ -26,7 +26,7 @@ from xml.etree import ElementTree
 import pytest
 
 from tests.asr import normalize_words, transcribe, word_error_rate
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, wait_healthy
 
 from .twilio_client import RATE, FakeTwilioCall, Received, audio_of, wav_to_ulaw
 
@@ -110,17 +110,8 @@ class BotServer:
             self.proc = subprocess.Popen(
                 self.args, cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bot exited ({self.proc.returncode}):\n{self.log_text()}")
-            try:
-                with urllib.request.urlopen(f"{self.http_url}/health", timeout=1) as r:
-                    if r.status == 200:
-                        return self
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            time.sleep(0.1)
+        if wait_healthy(f"{self.http_url}/health", self.proc, timeout, self.log_text):
+            return self
         self.stop()
         raise TimeoutError(f"bot not up after {timeout} s:\n{self.log_text()}")
 
