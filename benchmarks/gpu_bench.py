@@ -310,6 +310,17 @@ async def engine_section(
     return out
 
 
+def _reply_request(request_id: str, conds, max_new_tokens: int, seed: int) -> T3Request:
+    """One benchmark reply for T3: upstream's English sampling defaults (T3Request's own)."""
+    return T3Request(
+        request_id=request_id,
+        text=TEXT,
+        conditionals=conds.t3,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+    )
+
+
 async def t3_section(model_dir: Path, levels: list[int]) -> dict:
     """T3 alone (the engine's torch backend, CUDA graphs): decode time per step at N requests."""
     from chatterbox_sidecar.engines.chatterbox.t3_torch import TorchT3Backend
@@ -320,19 +331,7 @@ async def t3_section(model_dir: Path, levels: list[int]) -> dict:
     out = {}
 
     async def run(k: int, n: int) -> int:
-        request = T3Request(
-            request_id=f"t3-{n}-{k}",
-            text=TEXT,
-            conditionals=conds.t3,
-            exaggeration=0.5,
-            cfg_weight=0.5,
-            temperature=0.8,
-            top_p=1.0,
-            min_p=0.05,
-            repetition_penalty=1.2,
-            max_new_tokens=TOKENS_PER_REPLY,
-            seed=k,
-        )
+        request = _reply_request(f"t3-{n}-{k}", conds, TOKENS_PER_REPLY, seed=k)
         count = 0
         async for delta in t3.generate(request):
             count += len(delta)
@@ -369,19 +368,8 @@ async def baseline_section(model_dir: Path, replies: int = 3) -> dict:
     results = []
     try:
         for r in range(replies + 1):
-            request = T3Request(
-                request_id=f"naive-{r}",
-                text=TEXT,
-                conditionals=conds.t3,
-                exaggeration=0.5,
-                cfg_weight=0.5,
-                temperature=0.8,
-                top_p=1.0,
-                min_p=0.05,
-                repetition_penalty=1.2,
-                max_new_tokens=min(TOKENS_PER_REPLY, speech_token_budget(TEXT)),
-                seed=r,
-            )
+            budget = min(TOKENS_PER_REPLY, speech_token_budget(TEXT))
+            request = _reply_request(f"naive-{r}", conds, budget, seed=r)
             started = time.perf_counter()
             tokens: list[int] = []
             played = 0
