@@ -23,7 +23,7 @@ from .twilio_client import FakeTwilioCall
 
 pytestmark = pytest.mark.slow
 
-ANSWER = "Sure. Your table for four is booked for tonight at eight."
+ANSWER = "Certainly. Your table for four is booked for tonight at eight o'clock."
 QUESTION = "Please book a table for four people tonight."
 SYSTEM_PROMPT = "You are the booking line of a small restaurant."
 
