@@ -127,8 +127,8 @@ def sync_ms(fn, n: int = 5) -> float:
     return round(1000 * float(np.median(times)), 2)
 
 
-def s3gen_section(model_dir: Path) -> dict:
-    """Chunk times of the decoder alone, per variant, and the bf16 error."""
+def s3gen_section(model_dir: Path, refs: list[float], compiled: bool) -> dict:
+    """Chunk times of the decoder alone, per variant, and the bf16 (and compiled) error."""
     out: dict = {}
     gen = VoiceConditionals.load(model_dir / "conds.pt").gen
     g = torch.Generator().manual_seed(3)
@@ -139,8 +139,20 @@ def s3gen_section(model_dir: Path) -> dict:
         "graphs_fp32": dict(cuda_graphs=True, flow_dtype=torch.float32),
         "graphs_bf16": dict(cuda_graphs=True, flow_dtype=torch.bfloat16),
     }
+    if compiled:
+        variants["compiled_bf16"] = dict(
+            cuda_graphs=True, flow_dtype=torch.bfloat16, compile_flow=True
+        )
     model = load_s3gen(model_dir / "s3gen.safetensors", DEVICE)
     decoders = {k: S3GenStreamDecoder(model, cfg, **v) for k, v in variants.items()}
+    if compiled:  # compile once, outside the timings
+        t = time.perf_counter()
+        ref = Reference.from_gen(cap_reference(gen, refs[0]), torch.device(DEVICE), torch.float32)
+        with torch.inference_mode():
+            decoders["compiled_bf16"]._flow_mel(ref, toks[:78], 0, False)
+        sync()
+        out["compile_s"] = round(time.perf_counter() - t, 1)
+        print(f"  flow estimator compiled in {out['compile_s']} s", flush=True)
 
     def steady_stream(dec, ref, played=75):
         st = dec.new_stream(ref)
@@ -152,7 +164,7 @@ def s3gen_section(model_dir: Path) -> dict:
         st.phase = torch.zeros(1, 9, device=DEVICE)
         return st
 
-    for ref_s in (10.0, 6.0, 4.0):
+    for ref_s in refs:
         ref = Reference.from_gen(cap_reference(gen, ref_s), torch.device(DEVICE), torch.float32)
         row: dict = {}
         for name, dec in decoders.items():
@@ -181,24 +193,32 @@ def s3gen_section(model_dir: Path) -> dict:
         row["graphs_fp32_audio_rel_rms"] = float(
             np.sqrt(np.mean((ag - a32) ** 2) / np.mean(a32**2))
         )
+        if compiled:
+            mel_c = decoders["compiled_bf16"]._flow_mel(ref, toks[:78], 0, False)
+            row["compiled_mel_rel_err"] = float((mel_c - mel32).norm() / mel32.norm())
+            row["compiled_vs_bf16_mel_rel_err"] = float((mel_c - mel16).norm() / mel16.norm())
         out[f"ref_{ref_s:g}s"] = row
     # batched steady chunks (rows = streams), bf16 graphs: whole decode and the flow alone
-    dec = decoders["graphs_bf16"]
-    for ref_s in (10.0, 4.0):
-        ref = Reference.from_gen(cap_reference(gen, ref_s), torch.device(DEVICE), torch.float32)
-        for rows in (1, 16, 64) if DEVICE == "cuda" else (1, 2):
+    batched = ["graphs_bf16"] + (["compiled_bf16"] if compiled else [])
+    for name in batched:
+        dec = decoders[name]
+        for ref_s in refs:
+            ref = Reference.from_gen(cap_reference(gen, ref_s), torch.device(DEVICE), torch.float32)
+            for rows in (1, 16, 64) if DEVICE == "cuda" else (1, 2):
 
-            def batch(rows=rows, ref=ref):
-                streams = [steady_stream(dec, ref) for _ in range(rows)]
-                dec.decode_chunks(streams, [False] * rows)
+                def batch(rows=rows, ref=ref, dec=dec):
+                    streams = [steady_stream(dec, ref) for _ in range(rows)]
+                    dec.decode_chunks(streams, [False] * rows)
 
-            def flow_only(rows=rows, ref=ref):
-                with torch.inference_mode():
-                    dec._flow_mels([(ref, toks[25:103], 25, False)] * rows)
+                def flow_only(rows=rows, ref=ref, dec=dec):
+                    with torch.inference_mode():
+                        dec._flow_mels([(ref, toks[25:103], 25, False)] * rows)
 
-            out[f"ref{ref_s:g}s_batch{rows}_steady_ms"] = sync_ms(batch, 3)
-            out[f"ref{ref_s:g}s_batch{rows}_flow_only_ms"] = sync_ms(flow_only, 3)
-    out["graphs_captured"] = dec.graphs.captures
+                tag = f"{name}_ref{ref_s:g}s_batch{rows}"
+                out[f"{tag}_steady_ms"] = sync_ms(batch, 3)
+                out[f"{tag}_flow_only_ms"] = sync_ms(flow_only, 3)
+                print(f"  {tag}: {out[f'{tag}_steady_ms']} ms", flush=True)
+        out[f"{name}_graphs_captured"] = dec.graphs.captures
     del decoders, model
     return out
 
@@ -321,14 +341,19 @@ def _reply_request(request_id: str, conds, max_new_tokens: int, seed: int) -> T3
     )
 
 
-async def t3_section(model_dir: Path, levels: list[int]) -> dict:
-    """T3 alone (the engine's torch backend, CUDA graphs): decode time per step at N requests."""
+async def t3_section(model_dir: Path, levels: list[int], kv_bucket: int) -> dict:
+    """T3 alone (the engine's torch backend, CUDA graphs): decode time per step at N requests.
+
+    ``kv_bucket`` is the decode graphs' cache-length step; 1536 (the whole cache) is how the
+    graphs attended before they were bucketed.
+    """
     from chatterbox_sidecar.engines.chatterbox.t3_torch import TorchT3Backend
 
     conds = VoiceConditionals.load(model_dir / "conds.pt")
-    t3 = TorchT3Backend(model_dir, device=DEVICE, max_batch_size=max(levels))
+    t3 = TorchT3Backend(model_dir, device=DEVICE, max_batch_size=max(levels), kv_bucket=kv_bucket)
+    started = time.perf_counter()
     await t3.start()
-    out = {}
+    out: dict = {"kv_bucket": kv_bucket, "start_s": round(time.perf_counter() - started, 1)}
 
     async def run(k: int, n: int) -> int:
         request = _reply_request(f"t3-{n}-{k}", conds, TOKENS_PER_REPLY, seed=k)
@@ -437,6 +462,16 @@ def main() -> None:
     parser.add_argument("--t3-layers", type=int, default=30)
     parser.add_argument("--tokens", type=int, default=150, help="speech tokens a reply")
     parser.add_argument("--prompt-seconds", type=float, default=10.0, help="reference in conds.pt")
+    parser.add_argument("--s3gen-refs", default="10,4", help="reference caps of the s3gen section")
+    parser.add_argument(
+        "--compile-flow",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="s3gen section: add the torch.compile'd estimator as a variant",
+    )
+    parser.add_argument(
+        "--t3-kv-buckets", default="1536,256", help="t3 section: decode graphs' cache steps"
+    )
     args = parser.parse_args()
     global DEVICE, FLOW_STEPS, TOKENS_PER_REPLY
     DEVICE, FLOW_STEPS, TOKENS_PER_REPLY = args.device, args.flow_steps, args.tokens
@@ -460,7 +495,8 @@ def main() -> None:
         ref_s = ChatterboxEngineConfig(device=DEVICE).resolved_reference_seconds()
     result["reference_seconds"] = ref_s
     if "s3gen" in sections:
-        result["s3gen"] = s3gen_section(model_dir)
+        refs = [float(x) for x in args.s3gen_refs.split(",")]
+        result["s3gen"] = s3gen_section(model_dir, refs, args.compile_flow)
         print(json.dumps(result["s3gen"], indent=1), flush=True)
         save()
     if "engine" in sections:
@@ -488,9 +524,13 @@ def main() -> None:
         gc.collect()
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
-        result["t3"] = asyncio.run(t3_section(model_dir, [1, 16, 64]))
-        print(json.dumps(result["t3"]), flush=True)
-        save()
+        result["t3"] = {}
+        for kv_bucket in [int(x) for x in args.t3_kv_buckets.split(",")]:
+            t3 = asyncio.run(t3_section(model_dir, [1, 16, 64], kv_bucket))
+            result["t3"][f"kv_bucket_{kv_bucket}"] = t3
+            print(json.dumps(t3), flush=True)
+            gc.collect()
+            save()
     if "baseline" in sections:
         result["baseline"] = asyncio.run(baseline_section(model_dir))
         save()

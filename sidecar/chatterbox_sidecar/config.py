@@ -52,6 +52,8 @@ class SidecarConfig:
             (``TTS_FIRST_CHUNK_SIZE``).
         reference_seconds: Cap on the S3Gen reference prompt, 0 for the engine's default (4 s on
             CUDA, 10 s on CPU) (``TTS_REFERENCE_SECONDS``).
+        compile_flow: ``torch.compile`` S3Gen's flow estimator on CUDA (``TTS_COMPILE_FLOW``;
+            off until its speed-up is measured on a GPU, see ``benchmarks/NOTES.md``).
         piper_model: Piper ``.onnx`` voice, or None for the bundled one (``TTS_PIPER_MODEL``).
         max_active_contexts: Contexts open across all connections before new ones get ``busy``;
             0 for 8 per engine slot (``TTS_MAX_ACTIVE_CONTEXTS``).
@@ -85,6 +87,7 @@ class SidecarConfig:
     piper_model: Path | None = None
     first_chunk_size: int = 10
     reference_seconds: float = 0.0
+    compile_flow: bool = False
     max_active_contexts: int = 0
     drain_seconds: float = 30.0
     stall_seconds: float = 10.0
@@ -131,6 +134,7 @@ class SidecarConfig:
             piper_model=r.path("TTS_PIPER_MODEL", None),
             first_chunk_size=r.int("TTS_FIRST_CHUNK_SIZE", 10, 7, 500),
             reference_seconds=r.float("TTS_REFERENCE_SECONDS", 0.0, 0.0, 10.0),
+            compile_flow=r.bool("TTS_COMPILE_FLOW", False),
             max_active_contexts=r.int("TTS_MAX_ACTIVE_CONTEXTS", 0, 0, 1_000_000),
             drain_seconds=r.float("TTS_DRAIN_SECONDS", 30.0, 0.0, 3600.0),
             stall_seconds=r.float("TTS_STALL_SECONDS", 10.0, 0.1, 3600.0),

@@ -308,3 +308,26 @@ async def test_bad_configuration():
     with pytest.raises(EngineError):
         await eng.start()
     await eng.close()
+
+
+def test_sidecar_settings_reach_the_engine_config(tmp_path):
+    from chatterbox_sidecar.config import SidecarConfig
+    from chatterbox_sidecar.engines import create_engine
+
+    env = {
+        "TTS_ENGINE": "chatterbox",
+        "TTS_DEVICE": "cpu",
+        "TTS_MODEL_DIR": str(tmp_path),
+        "TTS_FIRST_CHUNK_SIZE": "8",
+        "TTS_REFERENCE_SECONDS": "3",
+        "TTS_COMPILE_FLOW": "true",
+        "TTS_FLOW_STEPS": "4",
+    }
+    engine = create_engine(SidecarConfig.from_env(env))
+    assert isinstance(engine, ChatterboxEngine)
+    cfg = engine.config
+    assert (cfg.first_chunk_size, cfg.reference_seconds, cfg.flow_steps) == (8, 3.0, 4)
+    assert cfg.compile_flow is True and cfg.device == "cpu"
+    # Unset, compiling stays off (its speed-up is not measured yet).
+    del env["TTS_COMPILE_FLOW"]
+    assert create_engine(SidecarConfig.from_env(env)).config.compile_flow is False

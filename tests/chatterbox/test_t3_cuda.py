@@ -77,10 +77,13 @@ def test_cuda_graphs_decode_like_eager(small_dir):
         request("c", text="Third one, a little longer.", seed=3, max_new_tokens=12),
     ]
     eager = T3BatchDecoder(model, tok, max_batch_size=3, max_seq_len=256, record_logits=True)
-    graphed = T3BatchDecoder(model, tok, max_batch_size=3, max_seq_len=256, record_logits=True)
+    # Graphs every 16 cached keys: the requests' steps cross several cache-length buckets.
+    graphed = T3BatchDecoder(
+        model, tok, max_batch_size=3, max_seq_len=256, record_logits=True, kv_bucket=16
+    )
     with torch.inference_mode():
         graphed.capture_graphs()
-    assert sorted(graphed._graphs) == [1, 2, 4, 6]
+    assert graphed.graph_keys == [(r, n) for r in (1, 2, 4, 6) for n in range(16, 257, 16)]
     want, got = run_decoder(eager, reqs), run_decoder(graphed, reqs)
     for r in reqs:
         assert [o.token for o in got[r.request_id]] == [o.token for o in want[r.request_id]]
@@ -97,7 +100,7 @@ async def test_full_size_bf16_streams_concurrent_requests(full_dir, graphs):
     try:
         model = backend.decoder.model
         assert model.config.n_layers == 30 and model.dtype == torch.bfloat16
-        assert bool(backend.decoder._graphs) == graphs
+        assert bool(backend.decoder.graph_keys) == graphs
 
         async def run(n: int, tokens: int) -> float:
             async def one(i: int) -> list[int]:

@@ -70,6 +70,7 @@ def create_engine(config: SidecarConfig) -> Engine:
         reference_seconds=config.reference_seconds or None,
         context_window=config.context_window,
         flow_steps=config.flow_steps,
+        compile_flow=config.compile_flow,
         streaming_default=config.streaming,
         **({"max_concurrency": config.engine_concurrency} if config.engine_concurrency else {}),
     )

@@ -72,6 +72,9 @@ class ChatterboxEngineConfig:
         flow_dtype: Dtype of S3Gen's flow estimator (None: bfloat16 on CUDA, else
             ``s3gen_dtype``); the encoder and vocoder stay in ``s3gen_dtype``.
         cuda_graphs: Replay S3Gen as CUDA graphs at bucketed shapes (None: on CUDA).
+        compile_flow: ``torch.compile`` S3Gen's flow estimator (CUDA only; compiling takes
+            minutes at start, Inductor's cache makes later starts quicker). Off by default
+            until its speed-up is measured on a GPU.
         s3gen_max_batch: Most streams whose chunks share one S3Gen call.
         chunk_size: New speech tokens per streamed chunk (``TTS_CHUNK_SIZE``).
         first_chunk_size: New tokens of the first chunk (smaller: earlier first audio; >= 7).
@@ -103,6 +106,7 @@ class ChatterboxEngineConfig:
     s3gen_dtype: str = "float32"
     flow_dtype: str | None = None
     cuda_graphs: bool | None = None
+    compile_flow: bool = False
     s3gen_max_batch: int = 64
     chunk_size: int = 25
     first_chunk_size: int = 10
@@ -327,6 +331,7 @@ class ChatterboxEngine(Engine):
             self._stream_config,
             cuda_graphs=self.config.cuda_graphs,
             flow_dtype=getattr(torch, flow_dtype),
+            compile_flow=self.config.compile_flow and self.config.on_cuda,
         )
         self._batcher = _ChunkBatcher(self._decoder, self._in_s3, self.config.s3gen_max_batch)
         conds = VoiceConditionals.load(self._model_dir / CONDS_FILE)

@@ -90,7 +90,6 @@ class _Active:
     slots: list[int]  # [conditional] or [conditional, unconditional]
     position: int  # sequence position of the next fed token (= keys in the cache)
     budget: int
-    generator: torch.Generator
     generated: int = 0
     last_token: int = START_SPEECH_TOKEN
     finished: bool = False
@@ -106,12 +105,19 @@ class _Job:
 class T3BatchDecoder:
     """Batched T3 decoding over a fixed pool of KV-cache slots.
 
+    A decode step is one backbone pass over the first ``R`` slots followed by sampling on the
+    device (guidance pairs each conditional row with its unconditional partner slot); the
+    only host synchronisation is reading the sampled tokens. On CUDA the whole step replays
+    as a CUDA graph chosen by row count and attended cache length, both bucketed.
+
     Args:
         model: The loaded model.
         tokenizer: The text tokenizer.
         max_batch_size: Requests decoded at once (each takes two cache slots with guidance).
         max_seq_len: Longest prompt plus speech sequence a slot holds.
         record_logits: Attach the guided logits to each :class:`StepOutput` (for tests).
+        kv_bucket: Attended cache lengths are rounded up to a multiple of this (CUDA graphs
+            attend over the bucket, not the whole cache).
     """
 
     def __init__(
@@ -122,17 +128,25 @@ class T3BatchDecoder:
         max_batch_size: int = 8,
         max_seq_len: int = 1536,
         record_logits: bool = False,
+        kv_bucket: int = 256,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.record_logits = record_logits
-        self._graphs: dict[int, _DecodeGraph] = {}
+        self.kv_bucket = kv_bucket
+        self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
         n_slots = 2 * max_batch_size
-        self.cache = T3KVCache(model.config, n_slots, max_seq_len, model.device, model.dtype)
+        device = model.device
+        self.cache = T3KVCache(model.config, n_slots, max_seq_len, device, model.dtype)
         self._seen = torch.zeros(
-            n_slots, model.config.speech_vocab_size, dtype=torch.bool, device=model.device
+            n_slots, model.config.speech_vocab_size, dtype=torch.bool, device=device
         )
+        # Per slot, on the device (set when a request takes the slot): sampling parameters
+        # (rows as t3_sampling.PARAMS), seed, and the partner slot guidance subtracts.
+        self._params = torch.ones(len(t3_sampling.PARAMS), n_slots, device=device)
+        self._seeds = torch.zeros(n_slots, dtype=torch.long, device=device)
+        self._partner = torch.arange(n_slots, device=device)
         self._free = list(range(n_slots))
         self._active: dict[str, _Active] = {}
 
@@ -145,6 +159,11 @@ class T3BatchDecoder:
     def free_slots(self) -> int:
         """KV-cache slots not held by a request."""
         return len(self._free)
+
+    @property
+    def graph_keys(self) -> list[tuple[int, int]]:
+        """(rows, attended cache length) of each captured decode graph."""
+        return sorted(self._graphs)
 
     def slots_needed(self, request: T3Request) -> int:
         """Cache slots ``request`` takes (two with guidance, one without)."""
@@ -188,18 +207,25 @@ class T3BatchDecoder:
         slots = sorted(self._free)[: len(rows)]
         for slot in slots:
             self._free.remove(slot)
-        seed = request.seed if request.seed is not None else secrets.randbits(63)
-        generator = torch.Generator(device=model.device).manual_seed(seed)
-        state = _Active(request, slots, length, max(budget, 1), generator)
+        state = _Active(request, slots, length, max(budget, 1))
         self._active[request.request_id] = state
-        self._seen[slots[0]] = False
-        self._seen[slots[0], START_SPEECH_TOKEN] = True
         try:
+            self._assign(request, slots)
             slot_t = torch.tensor(slots, device=model.device)
             hidden = model.prefill(torch.stack(rows), self.cache, slot_t)
             logits = model.logits(hidden)
-            uncond = logits[1:2] if len(rows) == 2 else logits[0:1]
-            return self._sample([state], logits[0:1], uncond)[0]
+            head = slots[0]
+            steps = torch.zeros(1, dtype=torch.long, device=model.device)
+            tokens, guided = t3_sampling.sample(
+                logits[0:1],
+                logits[-1:],
+                self._seen[head : head + 1],
+                self._params[:, head : head + 1],
+                self._seeds[head : head + 1],
+                steps,
+            )
+            self._seen[head, tokens] = True
+            return self._advance([state], tokens.tolist(), guided)[0]
         except BaseException:
             self.remove(request.request_id)
             raise
@@ -217,28 +243,53 @@ class T3BatchDecoder:
                 positions[slot] = s.position
                 speech_pos[slot] = s.generated
         kv_len = 1 + max(s.position for s in states)
-        device = self.model.device
-        inputs = torch.tensor([tokens, speech_pos, positions], device=device)
-        bucket = next((b for b in sorted(self._graphs) if b >= rows), None)
-        if bucket is not None:
-            logits = self._graphs[bucket].run(inputs)
+        inputs = torch.tensor([tokens, speech_pos, positions], device=self.model.device)
+        graph = self._graph_for(rows, kv_len)
+        if graph is not None:
+            picked, guided = graph.run(inputs)
         else:
-            embeds = self.model.speech_embeds(inputs[0], inputs[1])
-            hidden = self.model.decode(embeds, inputs[2], self.cache, kv_len)
-            logits = self.model.logits(hidden)
+            picked, guided = self.decode_and_sample(inputs, kv_len)
+        picked_rows = picked.tolist()
         for s in states:
             s.position += 1
-        cond = logits[[s.slots[0] for s in states]]
-        uncond = logits[[s.slots[-1] for s in states]]
-        return self._sample(states, cond, uncond)
+        heads = [picked_rows[s.slots[0]] for s in states]
+        return self._advance(states, heads, guided[[s.slots[0] for s in states]])
+
+    def decode_and_sample(self, inputs: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
+        """The device work of one step for the first ``R`` slots (what a graph records).
+
+        Args:
+            inputs: Int64 [3, R]: each slot's fed token, speech position and sequence position.
+            kv_len: Keys to attend over, greater than every position.
+
+        Returns:
+            Each slot's sampled token [R] and guided logits [R, V]; the tokens are also marked
+            in the slots' repetition-penalty sets.
+        """
+        model = self.model
+        n = inputs.shape[1]
+        embeds = model.speech_embeds(inputs[0], inputs[1])
+        hidden = model.decode(embeds, inputs[2], self.cache, kv_len)
+        logits = model.logits(hidden)
+        partner = self._partner[:n].clamp(max=n - 1)
+        tokens, guided = t3_sampling.sample(
+            logits,
+            logits[partner],
+            self._seen[:n],
+            self._params[:, :n],
+            self._seeds[:n],
+            inputs[1],
+        )
+        self._seen[torch.arange(n, device=tokens.device), tokens] = True
+        return tokens, guided
 
     def capture_graphs(self) -> None:
-        """Capture the decode step as CUDA graphs, one per power-of-two row count.
+        """Capture the decode step as CUDA graphs for every (row, cache length) bucket.
 
-        Must run while no request is active: capturing runs the step on every slot (writing
-        position 0 of each), which is harmless only while all slots are free. Afterwards
-        :meth:`step` replays the smallest graph with enough rows; graphs attend over the whole
-        cache (masked), so one graph serves every sequence length.
+        Rows are powers of two up to the slot count, cache lengths multiples of
+        ``kv_bucket`` up to ``max_seq_len``. Must run while no request is active: capturing
+        runs the step on every slot (writing position 0 of each and their penalty sets),
+        which is harmless only while all slots are free.
         """
         if self.model.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
@@ -251,9 +302,13 @@ class T3BatchDecoder:
             sizes.append(rows)
             rows *= 2
         sizes.append(n_slots)
-        for rows in reversed(sizes):  # largest first, so smaller ones reuse its pool memory
-            self._graphs[rows] = _DecodeGraph(self.model, self.cache, rows, pool)
-        logger.info(f"Captured T3 decode CUDA graphs for {sizes} rows")
+        lengths = list(range(self.kv_bucket, self.max_seq_len, self.kv_bucket))
+        lengths.append(self.max_seq_len)
+        # Largest first, so that smaller ones reuse its pool memory.
+        for rows in reversed(sizes):
+            for kv_len in reversed(lengths):
+                self._graphs[rows, kv_len] = _DecodeGraph(self, rows, kv_len, pool)
+        logger.info(f"Captured T3 decode CUDA graphs for rows {sizes} x cache lengths {lengths}")
 
     def drop_graphs(self) -> None:
         """Forget captured graphs (decode eagerly)."""
@@ -265,6 +320,26 @@ class T3BatchDecoder:
         if state is not None:
             self._free.extend(state.slots)
 
+    def _graph_for(self, rows: int, kv_len: int) -> _DecodeGraph | None:
+        """The smallest captured graph with at least ``rows`` rows and ``kv_len`` keys."""
+        fitting = [key for key in self._graphs if key[0] >= rows and key[1] >= kv_len]
+        return self._graphs[min(fitting)] if fitting else None
+
+    def _assign(self, request: T3Request, slots: list[int]) -> None:
+        """Write a new request's sampling parameters, seed and partner into its slots."""
+        head = slots[0]
+        seed = request.seed if request.seed is not None else secrets.randbits(63)
+        values = [float(getattr(request, name)) for name in t3_sampling.PARAMS]
+        values[0] = request.cfg_weight if len(slots) == 2 else 0.0
+        device = self.model.device
+        for slot in slots:
+            self._params[:, slot] = torch.tensor(values, device=device)
+            self._seeds[slot] = seed
+            self._partner[slot] = slots[-1] if slot == head else slot
+            self._seen[slot] = False
+        self._params[0, slots[-1]] = 0.0  # the unconditional row itself is unguided
+        self._seen[head, START_SPEECH_TOKEN] = True
+
     def _conditioning(self, request: T3Request) -> Tensor:
         conds = request.conditionals
         speaker = _field(conds, "speaker_emb")
@@ -273,30 +348,10 @@ class T3BatchDecoder:
         prompt = _field(conds, "cond_prompt_speech_tokens")
         return self.model.conditioning(speaker, prompt, request.exaggeration)
 
-    def _sample(self, states: list[_Active], cond: Tensor, uncond: Tensor) -> list[StepOutput]:
-        device = cond.device
-        reqs = [s.request for s in states]
-
-        def per_row(values: list[float]) -> Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
-
-        cfg = per_row(
-            [r.cfg_weight if len(s.slots) == 2 else 0.0 for r, s in zip(reqs, states, strict=True)]
-        )
-        guided = t3_sampling.guide(cond, uncond, cfg)
-        seen_rows = torch.tensor([s.slots[0] for s in states], device=device)
-        processed = t3_sampling.process_logits(
-            guided,
-            self._seen[seen_rows],
-            penalty=per_row([r.repetition_penalty for r in reqs]),
-            temperature=per_row([r.temperature for r in reqs]),
-            min_p=per_row([r.min_p for r in reqs]),
-            top_p=per_row([r.top_p for r in reqs]),
-        )
-        picked = t3_sampling.draw(
-            processed, [r.temperature <= 0 for r in reqs], [s.generator for s in states]
-        )
-        self._seen[seen_rows, torch.tensor(picked, device=device)] = True
+    def _advance(
+        self, states: list[_Active], picked: list[int], guided: Tensor
+    ) -> list[StepOutput]:
+        """Record each request's sampled token; finished requests leave."""
         outputs = []
         for i, (state, token) in enumerate(zip(states, picked, strict=True)):
             state.generated += 1
@@ -310,34 +365,30 @@ class T3BatchDecoder:
 
 
 class _DecodeGraph:
-    """One captured decode step for a fixed number of rows (inputs padded with zeros)."""
+    """One captured decode step for fixed rows and attended cache length (inputs zero-padded)."""
 
-    def __init__(self, model: T3Model, cache: T3KVCache, rows: int, pool: Any):
-        self._model, self._cache = model, cache
-        self._inputs = torch.zeros(3, rows, dtype=torch.long, device=model.device)
-        stream = torch.cuda.Stream(model.device)
-        stream.wait_stream(torch.cuda.current_stream(model.device))
+    def __init__(self, decoder: T3BatchDecoder, rows: int, kv_len: int, pool: Any):
+        device = decoder.model.device
+        self._inputs = torch.zeros(3, rows, dtype=torch.long, device=device)
+        self._kv_len = kv_len
+        self._decoder = decoder
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._forward()
-        torch.cuda.current_stream(model.device).wait_stream(stream)
+                decoder.decode_and_sample(self._inputs, kv_len)
+        torch.cuda.current_stream(device).wait_stream(stream)
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph, pool=pool):
-            self._logits = self._forward()
+            self._tokens, self._guided = decoder.decode_and_sample(self._inputs, kv_len)
 
-    def _forward(self) -> Tensor:
-        tokens, speech_pos, positions = self._inputs
-        embeds = self._model.speech_embeds(tokens, speech_pos)
-        hidden = self._model.decode(embeds, positions, self._cache, self._cache.max_len)
-        return self._model.logits(hidden)
-
-    def run(self, inputs: Tensor) -> Tensor:
-        """Replay for ``inputs`` [3, n] (tokens, speech positions, positions); n <= rows."""
+    def run(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """Replay for ``inputs`` [3, n], n <= rows: tokens [n] and guided logits [n, V]."""
         n = inputs.shape[1]
         self._inputs.zero_()
         self._inputs[:, :n] = inputs
         self._graph.replay()
-        return self._logits[:n]
+        return self._tokens[:n], self._guided[:n]
 
 
 class TorchT3Backend(T3Backend):
@@ -352,6 +403,7 @@ class TorchT3Backend(T3Backend):
         max_seq_len: Longest prompt plus speech sequence (KV-cache length per slot).
         cuda_graphs: Replay the decode step as CUDA graphs (None: on CUDA devices). Falls back
             to eager decoding if capture fails.
+        kv_bucket: Cache-length step of the decode graphs (see :class:`T3BatchDecoder`).
     """
 
     def __init__(
@@ -363,8 +415,10 @@ class TorchT3Backend(T3Backend):
         max_batch_size: int = 8,
         max_seq_len: int = 1536,
         cuda_graphs: bool | None = None,
+        kv_bucket: int = 256,
     ):
         self.model_dir = Path(model_dir)
+        self.kv_bucket = kv_bucket
         self.device = device
         self.dtype = resolve_dtype(dtype, device)
         self.max_batch_size = max_batch_size
@@ -395,7 +449,11 @@ class TorchT3Backend(T3Backend):
         )
         tokenizer = T3Tokenizer(self.model_dir / "tokenizer.json")
         decoder = T3BatchDecoder(
-            model, tokenizer, max_batch_size=self.max_batch_size, max_seq_len=self.max_seq_len
+            model,
+            tokenizer,
+            max_batch_size=self.max_batch_size,
+            max_seq_len=self.max_seq_len,
+            kv_bucket=self.kv_bucket,
         )
         if self.cuda_graphs:
             try:
