@@ -18,7 +18,11 @@ Sections (each writes into one JSON under ``$OUT``):
    (closed loop, start times spread over the first second): TTFA p50/p95, each reply's RTF,
    aggregate audio seconds per second, peak GPU memory.
 3. ``t3``: T3 alone (the same backend) at 1, 16 and 64 requests: milliseconds per decode step.
-4. ``baseline``: the naive pipeline on the same inputs, as chatterbox-vllm and the public
+4. ``server``: the sidecar itself (``python -m chatterbox_sidecar``, chatterbox engine, torch
+   T3, the same model folder) driven over its websocket by ``scripts/bench_tts.py``; its
+   client-side TTFA against the server's own ``ttfb_ms`` shows what the server adds. Reply
+   lengths here are the sidecar's own per-text budgets (random weights never stop).
+5. ``baseline``: the naive pipeline on the same inputs, as chatterbox-vllm and the public
    streaming fork run it: the same T3, then upstream's ``S3Gen.inference`` (eager, fp32,
    10 s reference) on the whole window of the last 50 + 25 new tokens every 25 tokens, one
    request at a time.
@@ -287,8 +291,10 @@ async def engine_section(
     reference_seconds: float,
     first_chunk_size: int = ChatterboxEngineConfig.first_chunk_size,
     deadline: float = float("inf"),
+    compile_flow: bool = False,
 ) -> dict:
     config = ChatterboxEngineConfig(
+        compile_flow=compile_flow,
         model_dir=model_dir,
         device=DEVICE,
         t3_backend="torch",
@@ -306,6 +312,7 @@ async def engine_section(
         "start_s": round(time.perf_counter() - t, 1),
         "reference_seconds": reference_seconds,
         "first_chunk_size": first_chunk_size,
+        "compile_flow": compile_flow,
         "levels": [],
     }
     try:
@@ -443,13 +450,93 @@ async def baseline_section(model_dir: Path, replies: int = 3) -> dict:
     }
 
 
+def server_section(
+    model_dir: Path, levels: str, rounds: int, timeout: float, compile_flow: bool
+) -> dict:
+    """The sidecar over its websocket, measured by ``scripts/bench_tts.py``."""
+    import socket
+    import subprocess
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_dir = Path(os.environ.get("OUT", "/tmp")) / "sidecar-logs"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(ROOT / "sidecar"), str(ROOT / "plugin"), os.environ.get("PYTHONPATH", "")]
+        ),
+        "TTS_HOST": "127.0.0.1",
+        "TTS_PORT": str(port),
+        "TTS_ENGINE": "chatterbox",
+        "TTS_T3_BACKEND": "torch",
+        "TTS_DEVICE": DEVICE,
+        "TTS_MODEL_DIR": str(model_dir),
+        "TTS_FLOW_STEPS": str(FLOW_STEPS),
+        "TTS_COMPILE_FLOW": str(compile_flow).lower(),
+        "TTS_ENGINE_CONCURRENCY": str(max(int(x) for x in levels.split(","))),
+        "TTS_MAX_CONNECTIONS": "1000",
+        "TTS_LOG_DIR": str(log_dir),
+        "TTS_VOICES_DIR": str(log_dir / "voices"),
+    }
+    started = time.perf_counter()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "chatterbox_sidecar"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    out: dict = {}
+    try:
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"sidecar exited with {server.returncode} (see {log_dir})")
+            if time.perf_counter() - started > timeout:
+                raise RuntimeError(f"sidecar not ready after {timeout:.0f} s (see {log_dir})")
+            try:
+                url = f"http://127.0.0.1:{port}/health/ready"
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(1)
+        out["start_s"] = round(time.perf_counter() - started, 1)
+        raw = Path(os.environ.get("OUT", "/tmp")) / "bench_tts.json"
+        command = [
+            sys.executable,
+            str(ROOT / "scripts" / "bench_tts.py"),
+            "--url",
+            f"ws://127.0.0.1:{port}/v1/stream/tts",
+            "--streams",
+            levels,
+            "--rounds",
+            str(rounds),
+            "--json",
+            str(raw),
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        print(done.stdout[-3000:], done.stderr[-2000:], flush=True)
+        out["command"] = " ".join(command[1:])
+        if raw.exists():
+            out["levels"] = json.loads(raw.read_text())["levels"]
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_bench.json"))
     parser.add_argument("--model-dir", default="/tmp/cbx-bench")
     parser.add_argument("--levels", default="1,4,16,32,64")
     parser.add_argument("--reference-seconds", type=float, default=None)
-    parser.add_argument("--sections", default="s3gen,engine,t3,baseline")
+    parser.add_argument("--sections", default="s3gen,engine,t3,server,baseline")
     parser.add_argument("--first-chunk", type=int, default=ChatterboxEngineConfig.first_chunk_size)
     parser.add_argument(
         "--variant",
@@ -469,6 +556,14 @@ def main() -> None:
         default=True,
         help="s3gen section: add the torch.compile'd estimator as a variant",
     )
+    parser.add_argument(
+        "--engine-compile-flow",
+        action="store_true",
+        help="engine and server sections: torch.compile the flow estimator (TTS_COMPILE_FLOW)",
+    )
+    parser.add_argument("--server-levels", default="1,16,64", help="server: stream counts")
+    parser.add_argument("--server-rounds", type=int, default=2, help="server: replies a stream")
+    parser.add_argument("--server-timeout", type=float, default=300, help="server: seconds")
     parser.add_argument(
         "--t3-kv-buckets", default="1536,256", help="t3 section: decode graphs' cache steps"
     )
@@ -503,7 +598,9 @@ def main() -> None:
         levels = [int(x) for x in args.levels.split(",")]
         deadline = START + args.budget_s
         result["engine"] = asyncio.run(
-            engine_section(model_dir, levels, ref_s, args.first_chunk, deadline)
+            engine_section(
+                model_dir, levels, ref_s, args.first_chunk, deadline, args.engine_compile_flow
+            )
         )
         save()
         if args.variant:
@@ -515,6 +612,7 @@ def main() -> None:
                     float(v_ref),
                     int(v_first),
                     deadline,
+                    args.engine_compile_flow,
                 )
             )
             save()
@@ -531,6 +629,15 @@ def main() -> None:
             print(json.dumps(t3), flush=True)
             gc.collect()
             save()
+    if "server" in sections:
+        result["server"] = server_section(
+            model_dir,
+            args.server_levels,
+            args.server_rounds,
+            args.server_timeout,
+            args.engine_compile_flow,
+        )
+        save()
     if "baseline" in sections:
         result["baseline"] = asyncio.run(baseline_section(model_dir))
         save()

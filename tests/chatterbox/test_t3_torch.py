@@ -316,3 +316,49 @@ async def test_cancelling_the_consumer_aborts_the_request(t3_dir):
         assert len(await collect(backend, request("after", max_new_tokens=3))) <= 3
     finally:
         await backend.close()
+
+
+def test_prefilling_together_matches_adding_one_by_one(model, tokenizer):
+    # Prompts of three lengths, one without guidance, share one right-padded prefill pass.
+    reqs = [
+        request("a", seed=1, max_new_tokens=6),
+        request(
+            "b",
+            text="A much longer sentence, so that the prompts differ in length.",
+            conditionals=make_conds(5),
+            seed=2,
+            max_new_tokens=6,
+        ),
+        request("c", text="Short.", cfg_weight=0.0, seed=3, max_new_tokens=6),
+    ]
+    one_by_one = T3BatchDecoder(model, tokenizer, max_batch_size=3, record_logits=True)
+    want = run_decoder(one_by_one, reqs)
+    together = T3BatchDecoder(model, tokenizer, max_batch_size=3, record_logits=True)
+    got: dict[str, list] = {}
+    with torch.inference_mode():
+        for r, out in zip(reqs, together.add_batch(reqs), strict=True):
+            got[r.request_id] = [out]
+        while together.active_ids:
+            for out in together.step():
+                got[out.request_id].append(out)
+    for r in reqs:
+        assert [o.token for o in got[r.request_id]] == [o.token for o in want[r.request_id]]
+        for a, b in zip(got[r.request_id], want[r.request_id], strict=True):
+            torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_bad_request_in_a_prefill_batch_fails_alone(model, tokenizer):
+    decoder = T3BatchDecoder(model, tokenizer, max_batch_size=1, max_seq_len=64)
+    results = decoder.add_batch(
+        [
+            request("long", text="word " * 200, max_new_tokens=4),
+            request("ok", max_new_tokens=4),
+            request("ok", max_new_tokens=4),  # duplicate id
+            request("third", max_new_tokens=4),  # slots: one guided request fits
+        ]
+    )
+    assert isinstance(results[0], ValueError) and "max_seq_len" in str(results[0])
+    assert results[1].request_id == "ok" and results[1].token >= 0
+    assert isinstance(results[2], ValueError) and "already running" in str(results[2])
+    assert isinstance(results[3], ValueError) and "slots" in str(results[3])
+    assert decoder.active_ids == ["ok"] and decoder.free_slots == 0

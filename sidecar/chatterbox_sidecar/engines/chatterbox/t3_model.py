@@ -606,22 +606,32 @@ class T3Model(nn.Module):
         cos, sin = self._rope(positions, n)
         return self.tfmr(embeds.to(self.dtype), cos, sin, _AttnContext("full"))
 
-    def prefill(self, embeds: Tensor, cache: T3KVCache, slots: Tensor) -> Tensor:
+    def prefill(
+        self, embeds: Tensor, cache: T3KVCache, slots: Tensor, lengths: Tensor | None = None
+    ) -> Tensor:
         """Run new prompts and store their keys/values.
 
+        Rows of different lengths are right-padded: attention is causal, so a real position
+        never sees the padding after it, and each padded key in the cache lies beyond its
+        row's length, where decoding overwrites it before any query may attend to it.
+
         Args:
-            embeds: Prompt embeddings [B, L, D] (rows of equal length).
+            embeds: Prompt embeddings [B, L, D].
             cache: The cache to write.
             slots: Cache slot of each row [B].
+            lengths: Real length of each row [B] (None: all ``L``).
 
         Returns:
-            Final hidden state of each row's last position [B, D].
+            Final hidden state of each row's last real position [B, D].
         """
         b, n, _ = embeds.shape
         positions = torch.arange(n, device=embeds.device).expand(b, n)
         cos, sin = self._rope(positions, n)
         ctx = _AttnContext("prefill", cache=cache, slots=slots)
-        return self.tfmr(embeds.to(self.dtype), cos, sin, ctx)[:, -1]
+        hidden = self.tfmr(embeds.to(self.dtype), cos, sin, ctx)
+        if lengths is None:
+            return hidden[:, -1]
+        return hidden[torch.arange(b, device=hidden.device), lengths - 1]
 
     def decode(self, embeds: Tensor, positions: Tensor, cache: T3KVCache, kv_len: int) -> Tensor:
         """One token for each of the first ``R`` cache slots.

@@ -179,6 +179,45 @@ class T3BatchDecoder:
         Raises:
             ValueError: Duplicate id, no free slots, or a prompt longer than a slot.
         """
+        result = self.add_batch([request])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def add_batch(self, requests: list[T3Request]) -> list[StepOutput | Exception]:
+        """Prefill several requests in one backbone pass and sample their first tokens.
+
+        Prompts of different lengths share the pass right-padded (see
+        :meth:`~.t3_model.T3Model.prefill`); each request samples exactly as if added alone.
+
+        Args:
+            requests: The new requests.
+
+        Returns:
+            Per request, its first :class:`StepOutput`, or the error that kept it out
+            (duplicate id, no free slots, a prompt longer than a slot); the others still run.
+        """
+        results: list[StepOutput | Exception | None] = [None] * len(requests)
+        admitted: list[tuple[int, _Active, list[Tensor]]] = []
+        for i, request in enumerate(requests):
+            try:
+                admitted.append((i, *self._admit(request)))
+            except Exception as exc:  # noqa: BLE001 - returned to the caller for this request
+                results[i] = exc
+        if admitted:
+            try:
+                outputs = self._prefill([(state, rows) for _, state, rows in admitted])
+            except Exception as exc:  # noqa: BLE001 - every request of the pass failed
+                for i, state, _ in admitted:
+                    self.remove(state.request.request_id)
+                    results[i] = exc
+            else:
+                for (i, _, _), out in zip(admitted, outputs, strict=True):
+                    results[i] = out
+        return results  # type: ignore[return-value]
+
+    def _admit(self, request: T3Request) -> tuple[_Active, list[Tensor]]:
+        """Check ``request``, embed its prompt rows, and give it slots and parameters."""
         if request.request_id in self._active:
             raise ValueError(f"request {request.request_id!r} is already running")
         if not self.can_admit(request):
@@ -209,26 +248,39 @@ class T3BatchDecoder:
             self._free.remove(slot)
         state = _Active(request, slots, length, max(budget, 1))
         self._active[request.request_id] = state
-        try:
-            self._assign(request, slots)
-            slot_t = torch.tensor(slots, device=model.device)
-            hidden = model.prefill(torch.stack(rows), self.cache, slot_t)
-            logits = model.logits(hidden)
-            head = slots[0]
-            steps = torch.zeros(1, dtype=torch.long, device=model.device)
-            tokens, guided = t3_sampling.sample(
-                logits[0:1],
-                logits[-1:],
-                self._seen[head : head + 1],
-                self._params[:, head : head + 1],
-                self._seeds[head : head + 1],
-                steps,
-            )
-            self._seen[head, tokens] = True
-            return self._advance([state], tokens.tolist(), guided)[0]
-        except BaseException:
-            self.remove(request.request_id)
-            raise
+        self._assign(request, slots)
+        return state, rows
+
+    def _prefill(self, batch: list[tuple[_Active, list[Tensor]]]) -> list[StepOutput]:
+        """One right-padded prefill pass over every row of ``batch``; first tokens sampled."""
+        model = self.model
+        rows = [row for _, state_rows in batch for row in state_rows]
+        slots = [slot for state, _ in batch for slot in state.slots]
+        longest = max(row.shape[0] for row in rows)
+        embeds = rows[0].new_zeros(len(rows), longest, rows[0].shape[1])
+        for k, row in enumerate(rows):
+            embeds[k, : row.shape[0]] = row
+        device = model.device
+        lengths = torch.tensor([row.shape[0] for row in rows], device=device)
+        hidden = model.prefill(embeds, self.cache, torch.tensor(slots, device=device), lengths)
+        logits = model.logits(hidden)
+        cond_rows, uncond_rows, k = [], [], 0
+        for state, _ in batch:
+            cond_rows.append(k)
+            uncond_rows.append(k + len(state.slots) - 1)
+            k += len(state.slots)
+        states = [state for state, _ in batch]
+        heads = torch.tensor([s.slots[0] for s in states], device=device)
+        tokens, guided = t3_sampling.sample(
+            logits[cond_rows],
+            logits[uncond_rows],
+            self._seen[heads],
+            self._params[:, heads],
+            self._seeds[heads],
+            torch.zeros(len(states), dtype=torch.long, device=device),
+        )
+        self._seen[heads, tokens] = True
+        return self._advance(states, tokens.tolist(), guided)
 
     def step(self) -> list[StepOutput]:
         """Sample one token for every active request in one backbone pass."""
@@ -253,7 +305,9 @@ class T3BatchDecoder:
         for s in states:
             s.position += 1
         heads = [picked_rows[s.slots[0]] for s in states]
-        return self._advance(states, heads, guided[[s.slots[0] for s in states]])
+        if self.record_logits:
+            guided = guided[[s.slots[0] for s in states]]
+        return self._advance(states, heads, guided)
 
     def decode_and_sample(self, inputs: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
         """The device work of one step for the first ``R`` slots (what a graph records).
@@ -404,6 +458,7 @@ class TorchT3Backend(T3Backend):
         cuda_graphs: Replay the decode step as CUDA graphs (None: on CUDA devices). Falls back
             to eager decoding if capture fails.
         kv_bucket: Cache-length step of the decode graphs (see :class:`T3BatchDecoder`).
+        prefill_batch: Most waiting requests prefilled together in one pass.
     """
 
     def __init__(
@@ -416,9 +471,11 @@ class TorchT3Backend(T3Backend):
         max_seq_len: int = 1536,
         cuda_graphs: bool | None = None,
         kv_bucket: int = 256,
+        prefill_batch: int = 16,
     ):
         self.model_dir = Path(model_dir)
         self.kv_bucket = kv_bucket
+        self.prefill_batch = prefill_batch
         self.device = device
         self.dtype = resolve_dtype(dtype, device)
         self.max_batch_size = max_batch_size
@@ -542,8 +599,9 @@ class TorchT3Backend(T3Backend):
                         admitted.append(self._inbox.popleft())
                 for request_id in cancelled:
                     decoder.remove(request_id)
-                for job in admitted:
-                    self._admit(decoder, job)
+                live = [job for job in admitted if not job.cancelled]
+                for start in range(0, len(live), self.prefill_batch):
+                    self._admit(decoder, live[start : start + self.prefill_batch])
                 if decoder.active_ids:
                     try:
                         outputs = decoder.step()
@@ -556,16 +614,14 @@ class TorchT3Backend(T3Backend):
                     for out in outputs:
                         self._deliver(out)
 
-    def _admit(self, decoder: T3BatchDecoder, job: _Job) -> None:
-        if job.cancelled:
-            return
-        try:
-            out = decoder.add(job.request)
-        except Exception as exc:  # noqa: BLE001 - reported to the request's consumer
-            logger.warning(f"T3 request {job.request.request_id} failed: {exc}")
-            self._fail(job.request.request_id, exc)
-            return
-        self._deliver(out)
+    def _admit(self, decoder: T3BatchDecoder, jobs: list[_Job]) -> None:
+        results = decoder.add_batch([job.request for job in jobs])
+        for job, result in zip(jobs, results, strict=True):
+            if isinstance(result, Exception):
+                logger.warning(f"T3 request {job.request.request_id} failed: {result}")
+                self._fail(job.request.request_id, result)
+            else:
+                self._deliver(result)
 
     def _deliver(self, out: StepOutput) -> None:
         with self._cv:
