@@ -76,6 +76,8 @@ class ChatterboxEngineConfig:
             minutes at start, Inductor's cache makes later starts quicker). Off by default
             until its speed-up is measured on a GPU.
         s3gen_max_batch: Most streams whose chunks share one S3Gen call.
+        s3gen_hold_seconds: Longest a chunk whose stream has audio in hand waits for other
+            chunks to share its S3Gen call (0: never; see ``_ChunkBatcher``).
         chunk_size: New speech tokens per streamed chunk (``TTS_CHUNK_SIZE``).
         first_chunk_size: New tokens of the first chunk (smaller: earlier first audio; >= 7).
         context_window: Tokens of left context per chunk (``TTS_CONTEXT_WINDOW``).
@@ -108,6 +110,7 @@ class ChatterboxEngineConfig:
     cuda_graphs: bool | None = None
     compile_flow: bool = False
     s3gen_max_batch: int = 64
+    s3gen_hold_seconds: float = 0.0
     chunk_size: int = 25
     first_chunk_size: int = 10
     context_window: int = 50
@@ -165,18 +168,34 @@ class _TokenPump:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+@dataclass
+class _Waiting:
+    """A chunk waiting for the next S3Gen batch."""
+
+    stream: StreamState
+    finalize: bool
+    future: asyncio.Future
+    release: float  # loop time by which its batch must start
+
+
 class _ChunkBatcher:
     """Gathers the chunks that streams want decoded; S3Gen decodes whatever is ready together.
 
-    Every stream awaits :meth:`decode`. One drain task hands all requests waiting at that moment
-    (no waiting for more) to the S3Gen worker as one batch (rows = streams), so while the worker
-    is busy the next batch fills up by itself. A single request goes through
-    ``decoder.decode_chunk``.
+    Every stream awaits :meth:`decode`. One drain task hands the waiting requests to the S3Gen
+    worker as one batch (rows = streams), so while the worker is busy the next batch fills up by
+    itself. A single request goes through ``decoder.decode_chunk``.
+
+    With ``hold_seconds`` > 0, a chunk whose stream has audio in hand (``slack``) may wait up to
+    that long, never closer than ``slack_margin`` to running dry, for other chunks to share its
+    batch; a batch starts as soon as one member must, or when it is full. Bigger batches cost
+    less GPU per chunk; streams with no audio yet (first chunks) never wait.
 
     Args:
         decoder: The S3Gen decoder.
         run: Runs a function in the S3Gen worker thread (``ChatterboxEngine._in_s3``).
         max_batch: Most chunks per batch.
+        hold_seconds: Longest a chunk with slack waits for company (0: never).
+        slack_margin: Audio a stream keeps in hand while its chunk waits, in seconds.
     """
 
     def __init__(
@@ -184,58 +203,88 @@ class _ChunkBatcher:
         decoder: S3GenStreamDecoder,
         run: Callable[..., Any],
         max_batch: int,
+        hold_seconds: float = 0.0,
+        slack_margin: float = 0.3,
     ):
         self._decoder = decoder
         self._run = run
         self._max_batch = max(1, max_batch)
-        self._waiting: list[tuple[StreamState, bool, asyncio.Future]] = []
+        self._hold = max(0.0, hold_seconds)
+        self._margin = slack_margin
+        self._waiting: list[_Waiting] = []
+        self._arrived = asyncio.Event()
         self._drain_task: asyncio.Task | None = None
         self.batches = 0
         self.chunks = 0
+        self.held = 0  # batches that waited for company
 
-    async def decode(self, stream: StreamState, finalize: bool) -> np.ndarray:
+    async def decode(self, stream: StreamState, finalize: bool, slack: float = 0.0) -> np.ndarray:
         """Decode ``stream``'s next chunk in the next batch.
 
         Args:
             stream: The stream (ready, or finalizing).
             finalize: Whether its utterance is complete.
+            slack: Seconds of audio its listener has in hand (0: none yet, decode at once).
 
         Returns:
             The new audio (float32, 24 kHz).
         """
-        future = asyncio.get_running_loop().create_future()
-        self._waiting.append((stream, finalize, future))
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        wait = max(0.0, min(self._hold, slack - self._margin))
+        self._waiting.append(_Waiting(stream, finalize, future, loop.time() + wait))
+        self._arrived.set()
         if self._drain_task is None or self._drain_task.done():
             self._drain_task = asyncio.create_task(self._drain(), name="s3gen-batcher")
         return await future
 
     async def _drain(self) -> None:
         while self._waiting:
-            batch = [w for w in self._waiting[: self._max_batch] if not w[2].done()]
+            if self._hold > 0 and await self._wait_for_company():
+                self.held += 1
+            batch = [w for w in self._waiting[: self._max_batch] if not w.future.done()]
             del self._waiting[: self._max_batch]
             if not batch:
                 continue
-            streams = [w[0] for w in batch]
-            finals = [w[1] for w in batch]
+            streams = [w.stream for w in batch]
+            finals = [w.finalize for w in batch]
             try:
                 if len(batch) == 1:
                     audios = [await self._run(self._decoder.decode_chunk, streams[0], finals[0])]
                 else:
                     audios = await self._run(self._decoder.decode_chunks, streams, finals)
             except asyncio.CancelledError:
-                for _, _, future in batch:
-                    future.cancel()
+                for w in batch:
+                    w.future.cancel()
                 raise
             except Exception as e:  # noqa: BLE001 - every stream of the batch hears of it
-                for _, _, future in batch:
-                    if not future.done():
-                        future.set_exception(e)
+                for w in batch:
+                    if not w.future.done():
+                        w.future.set_exception(e)
                 continue
             self.batches += 1
             self.chunks += len(batch)
-            for (_, _, future), audio in zip(batch, audios, strict=True):
-                if not future.done():
-                    future.set_result(audio)
+            for w, audio in zip(batch, audios, strict=True):
+                if not w.future.done():
+                    w.future.set_result(audio)
+
+    async def _wait_for_company(self) -> bool:
+        """Wait while the batch is not full and no waiting chunk must start; True if waited."""
+        loop = asyncio.get_running_loop()
+        waited = False
+        while True:
+            live = [w for w in self._waiting if not w.future.done()]
+            if not live or len(live) >= self._max_batch:
+                return waited
+            delay = min(w.release for w in live) - loop.time()
+            if delay <= 0:
+                return waited
+            self._arrived.clear()
+            waited = True
+            try:
+                await asyncio.wait_for(self._arrived.wait(), delay)
+            except TimeoutError:
+                return waited
 
     async def close(self) -> None:
         """Stop the drain task; waiting streams are cancelled."""
@@ -244,8 +293,8 @@ class _ChunkBatcher:
             task.cancel()
             with suppress(asyncio.CancelledError, Exception):
                 await task
-        for _, _, future in self._waiting:
-            future.cancel()
+        for w in self._waiting:
+            w.future.cancel()
         self._waiting.clear()
 
 
@@ -333,7 +382,12 @@ class ChatterboxEngine(Engine):
             flow_dtype=getattr(torch, flow_dtype),
             compile_flow=self.config.compile_flow and self.config.on_cuda,
         )
-        self._batcher = _ChunkBatcher(self._decoder, self._in_s3, self.config.s3gen_max_batch)
+        self._batcher = _ChunkBatcher(
+            self._decoder,
+            self._in_s3,
+            self.config.s3gen_max_batch,
+            hold_seconds=self.config.s3gen_hold_seconds,
+        )
         conds = VoiceConditionals.load(self._model_dir / CONDS_FILE)
         self._default = _CachedVoice("", conds, self._reference(conds))
 
@@ -526,21 +580,28 @@ class ChatterboxEngine(Engine):
         stream = decoder.new_stream(reference)
         pump = _TokenPump()
         task = asyncio.create_task(self._pump(request, pump), name=f"t3-{request.request_id}")
+        loop = asyncio.get_running_loop()
+        played_from: float | None = None  # when the listener's playback is taken to start
+        emitted = 0.0  # seconds of audio yielded
         try:
             while not stream.finished:
                 stream.push(pump.buffer)
                 pump.buffer.clear()
                 if pump.error is not None:
                     raise EngineError(f"T3 failed: {pump.error}") from pump.error
+                slack = 0.0 if played_from is None else played_from + emitted - loop.time()
                 if stream.ready(cfg):
-                    audio = await batcher.decode(stream, False)
+                    audio = await batcher.decode(stream, False, slack)
                 elif pump.done:
-                    audio = await batcher.decode(stream, True)
+                    audio = await batcher.decode(stream, True, slack)
                 else:
                     pump.changed.clear()
                     await pump.changed.wait()
                     continue
                 if len(audio):
+                    if played_from is None:
+                        played_from = loop.time()
+                    emitted += len(audio) / SAMPLE_RATE
                     yield audio
         finally:
             if not task.done():
