@@ -271,15 +271,8 @@ class T3BatchDecoder:
             k += len(state.slots)
         states = [state for state, _ in batch]
         heads = torch.tensor([s.slots[0] for s in states], device=device)
-        tokens, guided = t3_sampling.sample(
-            logits[cond_rows],
-            logits[uncond_rows],
-            self._seen[heads],
-            self._params[:, heads],
-            self._seeds[heads],
-            torch.zeros(len(states), dtype=torch.long, device=device),
-        )
-        self._seen[heads, tokens] = True
+        steps = torch.zeros(len(states), dtype=torch.long, device=device)
+        tokens, guided = self._sample_slots(logits[cond_rows], logits[uncond_rows], heads, steps)
         return self._advance(states, tokens.tolist(), guided)
 
     def step(self) -> list[StepOutput]:
@@ -326,15 +319,23 @@ class T3BatchDecoder:
         hidden = model.decode(embeds, inputs[2], self.cache, kv_len)
         logits = model.logits(hidden)
         partner = self._partner[:n].clamp(max=n - 1)
+        slots = torch.arange(n, device=logits.device)
+        return self._sample_slots(logits, logits[partner], slots, inputs[1])
+
+    def _sample_slots(
+        self, cond: Tensor, uncond: Tensor, slots: Tensor, steps: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Sample one token for each of ``slots`` with its own parameters and seed.
+
+        The tokens are marked in the slots' repetition-penalty sets.
+
+        Returns:
+            The tokens [S] and the guided logits [S, V].
+        """
         tokens, guided = t3_sampling.sample(
-            logits,
-            logits[partner],
-            self._seen[:n],
-            self._params[:, :n],
-            self._seeds[:n],
-            inputs[1],
+            cond, uncond, self._seen[slots], self._params[:, slots], self._seeds[slots], steps
         )
-        self._seen[torch.arange(n, device=tokens.device), tokens] = True
+        self._seen[slots, tokens] = True
         return tokens, guided
 
     def capture_graphs(self) -> None:
@@ -424,8 +425,6 @@ class _DecodeGraph:
     def __init__(self, decoder: T3BatchDecoder, rows: int, kv_len: int, pool: Any):
         device = decoder.model.device
         self._inputs = torch.zeros(3, rows, dtype=torch.long, device=device)
-        self._kv_len = kv_len
-        self._decoder = decoder
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
