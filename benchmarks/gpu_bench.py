@@ -458,21 +458,17 @@ def server_section(
     model_dir: Path, levels: str, rounds: int, timeout: float, compile_flow: bool
 ) -> dict:
     """The sidecar over its websocket, measured by ``scripts/bench_tts.py``."""
-    import socket
     import subprocess
-    import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log_dir = Path(os.environ.get("OUT", "/tmp")) / "sidecar-logs"
+    from tests.conftest import SidecarProcess
+
+    out_dir = Path(os.environ.get("OUT", "/tmp"))
+    workdir = out_dir / "sidecar"
+    workdir.mkdir(parents=True, exist_ok=True)
     env = {
-        **os.environ,
         "PYTHONPATH": os.pathsep.join(
             [str(ROOT / "sidecar"), str(ROOT / "plugin"), os.environ.get("PYTHONPATH", "")]
         ),
-        "TTS_HOST": "127.0.0.1",
-        "TTS_PORT": str(port),
         "TTS_ENGINE": "chatterbox",
         "TTS_T3_BACKEND": "torch",
         "TTS_DEVICE": DEVICE,
@@ -481,38 +477,18 @@ def server_section(
         "TTS_COMPILE_FLOW": str(compile_flow).lower(),
         "TTS_ENGINE_CONCURRENCY": str(max(int(x) for x in levels.split(","))),
         "TTS_MAX_CONNECTIONS": "1000",
-        "TTS_LOG_DIR": str(log_dir),
-        "TTS_VOICES_DIR": str(log_dir / "voices"),
+        "TTS_LOG_LEVEL": "INFO",
     }
     started = time.perf_counter()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "chatterbox_sidecar"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    out: dict = {}
+    sidecar = SidecarProcess(workdir, env).start(timeout)
+    out: dict = {"start_s": round(time.perf_counter() - started, 1)}
     try:
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"sidecar exited with {server.returncode} (see {log_dir})")
-            if time.perf_counter() - started > timeout:
-                raise RuntimeError(f"sidecar not ready after {timeout:.0f} s (see {log_dir})")
-            try:
-                url = f"http://127.0.0.1:{port}/health/ready"
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(1)
-        out["start_s"] = round(time.perf_counter() - started, 1)
-        raw = Path(os.environ.get("OUT", "/tmp")) / "bench_tts.json"
+        raw = out_dir / "bench_tts.json"
         command = [
             sys.executable,
             str(ROOT / "scripts" / "bench_tts.py"),
             "--url",
-            f"ws://127.0.0.1:{port}/v1/stream/tts",
+            sidecar.url,
             "--streams",
             levels,
             "--rounds",
@@ -526,11 +502,7 @@ def server_section(
         if raw.exists():
             out["levels"] = json.loads(raw.read_text())["levels"]
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        sidecar.stop()
     return out
 
 
