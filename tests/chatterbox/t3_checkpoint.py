@@ -145,3 +145,14 @@ def write_scripted_t3_checkpoint(
         emb[prev, axis] = 10.0
         head[nxt, axis] = 20.0
     return _write(Path(model_dir), state)
+
+
+def write_scripted_model_dir(
+    model_dir: str | Path, s3gen_model_dir: Path, script: Sequence[int], **t3_options
+) -> Path:
+    """A whole model folder: the S3Gen, voice-encoder and conds files of ``s3gen_model_dir``
+    (linked, not copied) beside a scripted T3 (see :func:`write_scripted_t3_checkpoint`)."""
+    model_dir = Path(model_dir)
+    for name in ("s3gen.safetensors", "ve.safetensors", "conds.pt"):
+        (model_dir / name).symlink_to(s3gen_model_dir / name)
+    return write_scripted_t3_checkpoint(model_dir, script, **t3_options)

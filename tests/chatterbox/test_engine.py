@@ -25,7 +25,7 @@ from chatterbox_sidecar.engines.chatterbox.t3_backend import T3Backend, T3Reques
 from chatterbox_sidecar.engines.chatterbox.t3_torch import TorchT3Backend
 from chatterbox_sidecar.voices import VoiceStore, validate_reference_wav
 
-from .t3_checkpoint import write_scripted_t3_checkpoint
+from .t3_checkpoint import write_scripted_model_dir
 from .test_conditionals import voice_like
 
 pytestmark = [pytest.mark.torch, pytest.mark.asyncio(loop_scope="module")]
@@ -89,20 +89,16 @@ class RecordingT3(T3Backend):
 @pytest.fixture(scope="module")
 def scripted_model_dir(s3gen_model_dir: Path, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("scripted-chatterbox")
-    for name in ("s3gen.safetensors", "ve.safetensors", "conds.pt"):
-        (folder / name).symlink_to(s3gen_model_dir / name)
-    write_scripted_t3_checkpoint(folder, [*SCRIPT, 6562], n_layers=1)
-    return folder
+    return write_scripted_model_dir(folder, s3gen_model_dir, [*SCRIPT, 6562], n_layers=1)
 
 
 @pytest.fixture(scope="module")
 def slow_model_dir(s3gen_model_dir: Path, tmp_path_factory) -> Path:
     """A scripted T3 at the real width that speaks 1000 tokens (tens of seconds on CPU)."""
     folder = tmp_path_factory.mktemp("slow-chatterbox")
-    for name in ("s3gen.safetensors", "ve.safetensors", "conds.pt"):
-        (folder / name).symlink_to(s3gen_model_dir / name)
-    write_scripted_t3_checkpoint(folder, LONG_SCRIPT, n_layers=2, hidden=1024, intermediate=4096)
-    return folder
+    return write_scripted_model_dir(
+        folder, s3gen_model_dir, LONG_SCRIPT, n_layers=2, hidden=1024, intermediate=4096
+    )
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

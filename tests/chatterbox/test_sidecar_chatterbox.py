@@ -16,7 +16,7 @@ from chatterbox_sidecar.text import split_text
 
 from tests.client import TTSClient
 
-from .t3_checkpoint import write_scripted_t3_checkpoint
+from .t3_checkpoint import write_scripted_model_dir
 from .test_conditionals import voice_like
 
 pytestmark = pytest.mark.torch
@@ -27,10 +27,7 @@ SCRIPT = torch.randperm(6561, generator=torch.Generator().manual_seed(11))[:150]
 @pytest.fixture(scope="module")
 def model_dir(s3gen_model_dir: Path, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("sidecar-chatterbox")
-    for name in ("s3gen.safetensors", "ve.safetensors", "conds.pt"):
-        (folder / name).symlink_to(s3gen_model_dir / name)
-    write_scripted_t3_checkpoint(folder, [*SCRIPT, 6562], n_layers=1)
-    return folder
+    return write_scripted_model_dir(folder, s3gen_model_dir, [*SCRIPT, 6562], n_layers=1)
 
 
 def chatterbox_env(model_dir: Path) -> dict[str, str]:
