@@ -5,32 +5,41 @@
 #   ../shared/gpu/wheels.sh tokenizers loguru websockets==17.4 num2words pytest pytest-asyncio \
 #     pytest-timeout iniconfig pluggy && rm -f .whl/pipecat_chatterbox-*.whl
 # On the device machine (run's command, carry [".whl"]):
-#   bash benchmarks/gpu_run.sh probe   # CUDA tests, S3Gen variants (compiled flow), T3 buckets
-#   bash benchmarks/gpu_run.sh sweep   # engine levels, the websocket server, the naive baseline
-# Extra arguments go to gpu_bench.py (e.g. --engine-compile-flow on the sweep).
-set -euo pipefail
-step=${1:?probe or sweep}
+#   bash benchmarks/gpu_run.sh probe   # CUDA tests, T3 cache buckets, S3Gen variants, batcher hold
+#   bash benchmarks/gpu_run.sh final   # the table: engine levels, server, naive baseline
+# Extra arguments go to the last gpu_bench.py call of the step. Logs and JSON land in $OUT.
+set -uo pipefail
+step=${1:?probe or final}
 shift
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD/sidecar:$PWD/plugin:$PWD
+export PYTHONPATH=/tmp/site:$PWD/sidecar:$PWD/plugin:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+bench() {  # bench SECONDS NAME ARGS...: one gpu_bench.py run, its log and JSON under $OUT
+  local seconds=$1 name=$2
+  shift 2
+  echo "=== $name ($(date +%T))"
+  timeout "$seconds" python3 benchmarks/gpu_bench.py --out "$OUT/$name.json" "$@" 2>&1 \
+    | grep -v "INFO\|Warn" | tee "$OUT/$name.log" | tail -30
+}
 case "$step" in
   probe)
-    timeout 170 python3 -m pytest -q -p no:cacheprovider -s \
+    echo "=== tests ($(date +%T))"
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -x \
       tests/chatterbox/test_t3_cuda.py tests/chatterbox/test_s3gen_batch.py 2>&1 \
-      | grep -v -i warn | tail -25 || true
-    timeout 380 python3 benchmarks/gpu_bench.py --out "$OUT/probe.json" \
-      --sections s3gen,t3 --s3gen-refs 4 "$@" 2>&1 | grep -v "INFO\|Warn" | tail -40
+      | grep -v -i warn | tee "$OUT/tests.log" | tail -15
+    bench 100 t3 --sections t3
+    bench 190 s3gen --sections s3gen --s3gen-refs 4
+    bench 150 engine16 --sections engine --levels 1,16 --first-chunk 7 --budget-s 140 \
+      --variant 4:7:16:0.2 "$@"
     ;;
-  sweep)
-    timeout 560 python3 benchmarks/gpu_bench.py --out "$OUT/sweep.json" \
-      --sections engine,server,baseline --levels 1,16,64 --budget-s 420 "$@" 2>&1 \
-      | grep -v "INFO\|Warn" | tail -40
+  final)
+    bench 570 final --sections engine,server,baseline --server-levels 1,16,64 --budget-s 430 "$@"
     ;;
   *)
-    echo "unknown step $step (probe or sweep)" >&2
+    echo "unknown step $step (probe or final)" >&2
     exit 2
     ;;
 esac
+echo "=== done ($(date +%T))"
