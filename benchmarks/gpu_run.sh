@@ -6,7 +6,8 @@
 #     pytest-timeout iniconfig pluggy && rm -f .whl/pipecat_chatterbox-*.whl
 # On the device machine (run's command, carry [".whl"]):
 #   bash benchmarks/gpu_run.sh probe   # CUDA tests, T3 cache buckets, S3Gen variants, batcher hold
-#   bash benchmarks/gpu_run.sh final   # the table: engine levels, server, naive baseline
+#   bash benchmarks/gpu_run.sh final   # CUDA T3 tests, the table (engine levels, server,
+#                                      # naive baseline), T3 cache buckets
 # Extra arguments go to the last gpu_bench.py call of the step. Logs and JSON land in $OUT.
 set -uo pipefail
 step=${1:?probe or final}
@@ -35,7 +36,11 @@ case "$step" in
       --variant 4:7:16:0.2 "$@"
     ;;
   final)
-    bench 570 final --sections engine,server,baseline --server-levels 1,16,64 --budget-s 430 "$@"
+    echo "=== tests ($(date +%T))"
+    timeout 90 python3 -m pytest -q -p no:cacheprovider -x tests/chatterbox/test_t3_cuda.py 2>&1 \
+      | grep -v -i warn | tee "$OUT/tests.log" | tail -15
+    bench 400 final --sections engine,server,baseline --server-levels 1,16,64 --budget-s 260 "$@"
+    bench 85 t3 --sections t3
     ;;
   *)
     echo "unknown step $step (probe or final)" >&2

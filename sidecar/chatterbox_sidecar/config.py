@@ -85,7 +85,7 @@ class SidecarConfig:
     device: str = "auto"
     flow_steps: int = 10
     piper_model: Path | None = None
-    first_chunk_size: int = 10
+    first_chunk_size: int = 7
     reference_seconds: float = 0.0
     compile_flow: bool = False
     max_active_contexts: int = 0
@@ -132,7 +132,7 @@ class SidecarConfig:
             device=r.str("TTS_DEVICE", "auto"),
             flow_steps=r.int("TTS_FLOW_STEPS", 10, 1, 100),
             piper_model=r.path("TTS_PIPER_MODEL", None),
-            first_chunk_size=r.int("TTS_FIRST_CHUNK_SIZE", 10, 7, 500),
+            first_chunk_size=r.int("TTS_FIRST_CHUNK_SIZE", 7, 7, 500),
             reference_seconds=r.float("TTS_REFERENCE_SECONDS", 0.0, 0.0, 10.0),
             compile_flow=r.bool("TTS_COMPILE_FLOW", False),
             max_active_contexts=r.int("TTS_MAX_ACTIVE_CONTEXTS", 0, 0, 1_000_000),

@@ -112,7 +112,7 @@ class ChatterboxEngineConfig:
     s3gen_max_batch: int = 64
     s3gen_hold_seconds: float = 0.0
     chunk_size: int = 25
-    first_chunk_size: int = 10
+    first_chunk_size: int = 7
     context_window: int = 50
     flow_steps: int = 10
     streaming_default: bool = True

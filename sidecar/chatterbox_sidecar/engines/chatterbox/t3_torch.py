@@ -335,7 +335,9 @@ class T3BatchDecoder:
         tokens, guided = t3_sampling.sample(
             cond, uncond, self._seen[slots], self._params[:, slots], self._seeds[slots], steps
         )
-        self._seen[slots, tokens] = True
+        # A device-side value: a Python ``True`` would be copied from the host, which CUDA
+        # graph capture forbids.
+        self._seen.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.bool))
         return tokens, guided
 
     def capture_graphs(self) -> None:
