@@ -366,15 +366,24 @@ async def t3_section(model_dir: Path, levels: list[int], kv_bucket: int) -> dict
     await t3.start()
     out: dict = {"kv_bucket": kv_bucket, "start_s": round(time.perf_counter() - started, 1)}
 
+    first_tokens = ChatterboxEngineConfig.first_chunk_size + 3  # the first chunk + lookahead
+    to_first_chunk: list[float] = []
+
     async def run(k: int, n: int) -> int:
         request = _reply_request(f"t3-{n}-{k}", conds, TOKENS_PER_REPLY, seed=k)
         count = 0
+        started = time.perf_counter()
         async for delta in t3.generate(request):
             count += len(delta)
+            if n == 1 and count >= first_tokens and len(to_first_chunk) < k + 1:
+                to_first_chunk.append(1000 * (time.perf_counter() - started))
         return count
 
     try:
         await run(0, 0)
+        for k in range(5):  # one request alone: prefill + the first chunk's tokens
+            await run(k, 1)
+        out[f"ms_to_{first_tokens}_tokens_alone"] = round(float(np.median(to_first_chunk)), 1)
         for n in levels:
             started = time.perf_counter()
             counts = await asyncio.gather(*(run(k, n) for k in range(n)))

@@ -6,11 +6,12 @@
 #     pytest-timeout iniconfig pluggy && rm -f .whl/pipecat_chatterbox-*.whl
 # On the device machine (run's command, carry [".whl"]):
 #   bash benchmarks/gpu_run.sh probe   # CUDA tests, T3 cache buckets, S3Gen variants, batcher hold
+#   bash benchmarks/gpu_run.sh compile # T3 to the first chunk, S3Gen with the compiled flow
 #   bash benchmarks/gpu_run.sh final   # CUDA T3 tests, the table (engine levels, server,
 #                                      # naive baseline), T3 cache buckets
 # Extra arguments go to the last gpu_bench.py call of the step. Logs and JSON land in $OUT.
 set -uo pipefail
-step=${1:?probe or final}
+step=${1:?probe, compile or final}
 shift
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD/sidecar:$PWD/plugin:$PWD PYTHONUNBUFFERED=1
@@ -41,6 +42,12 @@ case "$step" in
       | grep -v -i warn | tee "$OUT/tests.log" | tail -15
     bench 400 final --sections engine,server,baseline --server-levels 1,16,64 --budget-s 260 "$@"
     bench 85 t3 --sections t3
+    ;;
+  compile)
+    bench 90 t3 --sections t3 --t3-kv-buckets 256
+    bench 320 s3gen --sections s3gen --s3gen-refs 4
+    bench 160 engine_compiled --sections engine --levels 1,16 --engine-compile-flow \
+      --budget-s 150 "$@"
     ;;
   *)
     echo "unknown step $step (probe or final)" >&2
