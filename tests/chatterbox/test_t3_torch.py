@@ -7,10 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
 from chatterbox_sidecar.engines.chatterbox.t3_backend import T3Request
 from chatterbox_sidecar.engines.chatterbox.t3_model import T3Model
 from chatterbox_sidecar.engines.chatterbox.t3_text import T3Tokenizer
 from chatterbox_sidecar.engines.chatterbox.t3_torch import T3BatchDecoder, TorchT3Backend
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .t3_checkpoint import write_random_t3_checkpoint, write_scripted_t3_checkpoint
 
@@ -362,3 +365,80 @@ def test_a_bad_request_in_a_prefill_batch_fails_alone(model, tokenizer):
     assert isinstance(results[2], ValueError) and "already running" in str(results[2])
     assert isinstance(results[3], ValueError) and "slots" in str(results[3])
     assert decoder.active_ids == ["ok"] and decoder.free_slots == 0
+
+
+class HostTensorCheck(TorchDispatchMode):
+    """Records every op that reads a tensor made on the host during the ops it watches.
+
+    A CUDA graph records device work only: a tensor the step makes from host data (the Python
+    ``True`` of ``x[i] = True``, a ``torch.tensor([...])``) is copied from the host, which
+    capture forbids. Such a tensor comes from no dispatched op and from nothing that existed
+    before the step, so its storage is unknown here, on any device. ``lift_fresh`` only wraps
+    a fresh tensor and passes it on; a 0-dim one filled into a tensor (``x[:, 0] = False``)
+    is allowed: on CUDA that fill takes the value as a kernel argument, with no copy.
+    """
+
+    def __init__(self, known: list[Tensor]):
+        super().__init__()
+        self.known = {t.untyped_storage().data_ptr() for t in known}
+        self.host_reads: list[str] = []
+        self._outputs: list[Tensor] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.ops.aten.lift_fresh.default:
+            return out
+        for t in pytree.tree_leaves((args, kwargs)):
+            unknown = isinstance(t, Tensor) and t.untyped_storage().data_ptr() not in self.known
+            if unknown and not (func is torch.ops.aten.fill_.Tensor and t.dim() == 0):
+                self.host_reads.append(f"{func}: {tuple(t.shape)} {t.dtype}")
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, Tensor):
+                self.known.add(t.untyped_storage().data_ptr())
+                self._outputs.append(t)  # kept alive: no later tensor can reuse its memory
+        return out
+
+
+def tensors_held_by(*objects) -> list[Tensor]:
+    """Tensors the objects hold, directly or through the attributes of what they hold."""
+    found: list[Tensor] = []
+    visited: set[int] = set()
+    pending = list(objects)
+    while pending:
+        obj = pending.pop()
+        if id(obj) in visited:
+            continue
+        visited.add(id(obj))
+        if isinstance(obj, Tensor):
+            found.append(obj)
+        elif isinstance(obj, dict):
+            pending += obj.values()
+        elif isinstance(obj, list | tuple):
+            pending += obj
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            pending += vars(obj).values()
+    return found
+
+
+def test_decode_step_reads_no_host_made_tensor(model, tokenizer):
+    # The check sees the bug it is for: an index_put_ of a Python scalar.
+    seen = torch.zeros(2, 4, dtype=torch.bool)
+    index = torch.tensor([0, 1])
+    with torch.inference_mode():
+        with HostTensorCheck([seen, index]) as check:
+            seen[:, -1] = False
+        assert check.host_reads == []
+        with HostTensorCheck([seen, index]) as check:
+            seen[index, index] = True
+    assert check.host_reads == ["aten.index_put_.default: () torch.bool"]
+
+    decoder = T3BatchDecoder(model, tokenizer, max_batch_size=2, kv_bucket=64)
+    with torch.inference_mode():
+        decoder.add_batch([request("a", seed=1), request("b", cfg_weight=0.0, seed=2)])
+        inputs = torch.tensor([[5, 6, 7, 0], [0, 0, 0, 0], [40, 41, 42, 0]])
+        known = tensors_held_by(model, decoder, decoder.cache) + [inputs]
+        with HostTensorCheck(known) as check:
+            tokens, _ = decoder.decode_and_sample(inputs, 64)
+    assert tokens.shape == (4,)
+    assert check.host_reads == [], "\n".join(check.host_reads)
