@@ -539,8 +539,9 @@ def main() -> None:
     parser.add_argument(
         "--compile-flow",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="s3gen section: add the torch.compile'd estimator as a variant",
+        default=False,
+        help="s3gen section: add the torch.compile'd estimator as a variant (over 5 minutes of "
+        "compile on the H100 machine)",
     )
     parser.add_argument(
         "--engine-compile-flow",

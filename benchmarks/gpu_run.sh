@@ -45,7 +45,7 @@ case "$step" in
     ;;
   compile)
     bench 90 t3 --sections t3 --t3-kv-buckets 256
-    bench 320 s3gen --sections s3gen --s3gen-refs 4
+    bench 320 s3gen --sections s3gen --s3gen-refs 4 --compile-flow
     bench 160 engine_compiled --sections engine --levels 1,16 --engine-compile-flow \
       --budget-s 150 "$@"
     ;;

@@ -53,7 +53,8 @@ class SidecarConfig:
         reference_seconds: Cap on the S3Gen reference prompt, 0 for the engine's default (4 s on
             CUDA, 10 s on CPU) (``TTS_REFERENCE_SECONDS``).
         compile_flow: ``torch.compile`` S3Gen's flow estimator on CUDA (``TTS_COMPILE_FLOW``;
-            off until its speed-up is measured on a GPU, see ``benchmarks/NOTES.md``).
+            experimental: on an H100 machine the compile had not finished after 320 s, so its
+            speed-up is unmeasured; see ``benchmarks/NOTES.md``).
         piper_model: Piper ``.onnx`` voice, or None for the bundled one (``TTS_PIPER_MODEL``).
         max_active_contexts: Contexts open across all connections before new ones get ``busy``;
             0 for 8 per engine slot (``TTS_MAX_ACTIVE_CONTEXTS``).

@@ -72,12 +72,14 @@ class ChatterboxEngineConfig:
         flow_dtype: Dtype of S3Gen's flow estimator (None: bfloat16 on CUDA, else
             ``s3gen_dtype``); the encoder and vocoder stay in ``s3gen_dtype``.
         cuda_graphs: Replay S3Gen as CUDA graphs at bucketed shapes (None: on CUDA).
-        compile_flow: ``torch.compile`` S3Gen's flow estimator (CUDA only; compiling takes
-            minutes at start, Inductor's cache makes later starts quicker). Off by default
-            until its speed-up is measured on a GPU.
+        compile_flow: ``torch.compile`` S3Gen's flow estimator (CUDA only; experimental: on
+            an H100 machine the compile had not finished after 320 s, and its speed-up is
+            unmeasured).
         s3gen_max_batch: Most streams whose chunks share one S3Gen call.
         s3gen_hold_seconds: Longest a chunk whose stream has audio in hand waits for other
-            chunks to share its S3Gen call (0: never; see ``_ChunkBatcher``).
+            chunks to share its S3Gen call (0: never; see ``_ChunkBatcher``). On an H100 a
+            0.2 s hold raised throughput at 64 streams but made time to first audio worse at
+            16 and 64 (BENCHMARKS.md), hence off.
         chunk_size: New speech tokens per streamed chunk (``TTS_CHUNK_SIZE``).
         first_chunk_size: New tokens of the first chunk (smaller: earlier first audio; >= 7).
         context_window: Tokens of left context per chunk (``TTS_CONTEXT_WINDOW``).

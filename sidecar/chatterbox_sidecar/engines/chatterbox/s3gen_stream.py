@@ -223,8 +223,9 @@ class S3GenStreamDecoder:
         flow_dtype: Dtype of the flow estimator (None: the model's; bfloat16 is the fast
             option on CUDA, its error against fp32 is measured by the GPU benchmark).
         compile_flow: Run the flow estimator through ``torch.compile`` (dynamic shapes, one
-            compilation for every bucket); inside CUDA graphs its fused kernels replace
-            about half of the estimator's ~1,000 small launches a step.
+            compilation for every bucket), meant to fuse the estimator's ~1,000 small kernels
+            a step inside the CUDA graphs (experimental: compiling takes over 5 minutes on an
+            H100 machine, and the speed-up is unmeasured).
     """
 
     def __init__(
