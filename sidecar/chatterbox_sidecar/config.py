@@ -45,7 +45,7 @@ class SidecarConfig:
         model_dir: Chatterbox weights folder, or None to download (``TTS_MODEL_DIR``).
         t3_model_dir: vLLM model folder (``TTS_T3_MODEL_DIR``); by default ``t3-model/`` in a
             source checkout, else the engine's cache folder. Never relative to the CWD.
-        t3_backend: ``auto``, ``vllm`` or ``torch`` (``TTS_T3_BACKEND``).
+        t3_backend: ``auto`` (torch), ``vllm`` or ``torch`` (``TTS_T3_BACKEND``).
         device: Torch device for the chatterbox engine (``TTS_DEVICE``).
         flow_steps: S3Gen flow-matching steps (``TTS_FLOW_STEPS``).
         first_chunk_size: New speech tokens in a context's first streamed chunk

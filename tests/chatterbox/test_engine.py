@@ -324,6 +324,17 @@ def test_sidecar_settings_reach_the_engine_config(tmp_path):
     cfg = engine.config
     assert (cfg.first_chunk_size, cfg.reference_seconds, cfg.flow_steps) == (8, 3.0, 4)
     assert cfg.compile_flow is True and cfg.device == "cpu"
-    # Unset, compiling stays off (its speed-up is not measured yet).
+    # Unset, compiling stays off (experimental: its speed-up is not measured yet).
     del env["TTS_COMPILE_FLOW"]
     assert create_engine(SidecarConfig.from_env(env)).config.compile_flow is False
+
+
+def test_default_backend_is_torch_on_every_device(tmp_path):
+    # "auto" picks the measured torch backend (CUDA graphs, sampling in the graph) also on
+    # CUDA, whether or not vLLM is importable; the vllm backend only when named.
+    for device in ("cpu", "cuda"):
+        eng = ChatterboxEngine(ChatterboxEngineConfig(model_dir=tmp_path, device=device))
+        assert eng.config.t3_backend == "auto"
+        assert isinstance(eng._make_t3_backend(tmp_path), TorchT3Backend)
+    named = ChatterboxEngine(ChatterboxEngineConfig(t3_backend="vllm", device="cuda"))
+    assert type(named._make_t3_backend(tmp_path)).__name__ == "VllmT3Backend"

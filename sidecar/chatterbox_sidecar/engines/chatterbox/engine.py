@@ -65,7 +65,7 @@ class ChatterboxEngineConfig:
             from the Hugging Face Hub (see ``model_files.resolve_model_dir``).
         t3_model_dir: The vLLM model folder (``TTS_T3_MODEL_DIR``); None for
             ``~/.cache/pipecat-chatterbox/t3-model``. Only the vllm backend uses it.
-        t3_backend: ``auto`` (vllm on CUDA when importable, else torch), ``vllm`` or ``torch``.
+        t3_backend: ``auto`` (torch), ``vllm`` or ``torch``.
         device: ``cuda`` (or ``cuda:N``) or ``cpu``.
         dtype: T3 dtype for the torch backend (None: bfloat16 on CUDA, float32 on CPU).
         s3gen_dtype: S3Gen dtype (upstream runs it in float32).
@@ -416,7 +416,10 @@ class ChatterboxEngine(Engine):
         cfg = self.config
         kind = cfg.t3_backend
         if kind == "auto":
-            kind = "vllm" if cfg.device.startswith("cuda") and _vllm_importable() else "torch"
+            # The torch backend is the measured one (CUDA graphs, sampling in the graph; see
+            # BENCHMARKS.md) and follows upstream where chatterbox-vllm does not (per-request
+            # guidance, speech positions); vLLM is used when asked for by name.
+            kind = "torch"
         if kind == "vllm":
             from chatterbox_sidecar.engines.chatterbox.model_files import max_model_len
             from chatterbox_sidecar.engines.chatterbox.t3_vllm import VllmT3Backend
@@ -681,12 +684,6 @@ class ChatterboxEngine(Engine):
 
     def __str__(self) -> str:
         return "ChatterboxEngine"
-
-
-def _vllm_importable() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
 
 
 __all__ = ["ChatterboxEngine", "ChatterboxEngineConfig", "StreamState"]
