@@ -469,7 +469,7 @@ def server_section(
     """The sidecar over its websocket, measured by ``scripts/bench_tts.py``."""
     import subprocess
 
-    from tests.conftest import SidecarProcess
+    from chatterbox_sidecar.process import SidecarProcess
 
     out_dir = Path(os.environ.get("OUT", "/tmp"))
     workdir = out_dir / "sidecar"

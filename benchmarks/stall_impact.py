@@ -13,20 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
-import sys
+import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
+from chatterbox_sidecar.process import SidecarProcess
 from websockets.asyncio.client import connect
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.conftest import free_port  # noqa: E402
 
 TEXT = "Thanks for calling, how can I help you today?"
 LONG = " ".join(f"Sentence {i} of a long answer that nobody is listening to." for i in range(80))
@@ -64,31 +57,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--stall-seconds", default="2")
     args = p.parse_args()
-    port = free_port()
-    env = {
-        **os.environ,
-        "TTS_ENGINE": "piper",
-        "TTS_HOST": "127.0.0.1",
-        "TTS_PORT": str(port),
-        "TTS_STALL_SECONDS": args.stall_seconds,
-        "TTS_LOG_DIR": "/tmp/stall-impact-logs",
-        "TTS_VOICES_DIR": "/tmp/stall-impact-voices",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "chatterbox_sidecar"], env=env, stderr=subprocess.DEVNULL
-    )
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
-        alone, beside = asyncio.run(measure(f"ws://127.0.0.1:{port}/v1/stream/tts", args.rounds))
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {"TTS_STALL_SECONDS": args.stall_seconds, "TTS_LOG_LEVEL": "INFO"}
+        sidecar = SidecarProcess(Path(tmp), env).start()
+        try:
+            alone, beside = asyncio.run(measure(sidecar.url, args.rounds))
+            metrics = sidecar.get("/metrics")[1].decode()
+        finally:
+            sidecar.stop()
     for name, xs in (("alone", alone), ("beside a stalled client", beside)):
         q = statistics.quantiles(xs, n=20)
         print(f"{name:>24}: TTFA p50 {statistics.median(xs):6.0f} ms  p95 {q[18]:6.0f} ms")

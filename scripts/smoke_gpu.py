@@ -16,16 +16,14 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
+from chatterbox_sidecar.process import SidecarProcess
 from websockets.asyncio.client import connect
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,27 +34,6 @@ SENTENCES = [
     "Please hold while I transfer you to the billing department.",
     "Your package will arrive on Thursday before noon.",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(port: int, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"sidecar exited with {proc.returncode} while loading")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"sidecar not healthy after {timeout:.0f} s")
 
 
 async def speak(url: str, text: str, streaming: bool) -> tuple[float, np.ndarray, dict]:
@@ -123,26 +100,24 @@ def main() -> int:
     p.add_argument("--engine", default="chatterbox", choices=["chatterbox", "piper"])
     p.add_argument("--load-timeout", type=float, default=1800, help="seconds (first download)")
     args = p.parse_args()
-    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         env = {
-            **os.environ,
             "TTS_ENGINE": args.engine,
-            "TTS_HOST": "127.0.0.1",
-            "TTS_PORT": str(port),
             "TTS_VOICES_DIR": os.environ.get("TTS_VOICES_DIR", f"{tmp}/voices"),
-            "TTS_LOG_DIR": f"{tmp}/logs",
+            "TTS_LOG_LEVEL": os.environ.get("TTS_LOG_LEVEL", "INFO"),
         }
-        print(f"starting the sidecar (engine={args.engine}) on port {port} ...", flush=True)
+        sidecar = SidecarProcess(Path(tmp), env, echo=True)
+        print(f"starting the sidecar (engine={args.engine}) on port {sidecar.port} ...", flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "chatterbox_sidecar"], env=env)
         try:
-            wait_healthy(port, proc, args.load_timeout)
+            sidecar.start(args.load_timeout)
+        except (RuntimeError, TimeoutError) as e:
+            raise SystemExit(f"the sidecar did not start: {e}") from e
+        try:
             print(f"ready after {time.perf_counter() - t0:.1f} s", flush=True)
-            ok = asyncio.run(run_checks(f"ws://127.0.0.1:{port}/v1/stream/tts"))
+            ok = asyncio.run(run_checks(sidecar.url))
         finally:
-            proc.terminate()
-            proc.wait(60)
+            sidecar.stop()
     print("SMOKE TEST PASSED" if ok else "SMOKE TEST FAILED")
     return 0 if ok else 1
 

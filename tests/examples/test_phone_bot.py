@@ -24,9 +24,10 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
+from chatterbox_sidecar.process import free_port, wait_healthy
 
 from tests.asr import normalize_words, transcribe, word_error_rate
-from tests.conftest import ROOT, free_port, wait_healthy
+from tests.conftest import ROOT
 
 from .twilio_client import RATE, FakeTwilioCall, Received, audio_of, wav_to_ulaw
 

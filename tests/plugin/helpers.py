@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import socket
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -41,13 +40,6 @@ class RecordingChatterboxTTSService(ChatterboxTTSService):
 
     def received_of(self, kind: str) -> list[dict[str, Any]]:
         return [m for m in self.received if m["type"] == kind]
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def of_type(frames: Sequence[Frame], *types: type) -> list[Frame]:

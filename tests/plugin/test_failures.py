@@ -8,6 +8,7 @@ import signal
 import time
 
 import pytest
+from chatterbox_sidecar.process import free_port
 from pipecat.frames.frames import (
     ErrorFrame,
     TTSAudioRawFrame,
@@ -22,7 +23,7 @@ from pipecat_chatterbox import ChatterboxTTSService, SidecarError, list_voices
 
 from tests.asr import transcribe, word_error_rate
 
-from .helpers import LivePipeline, RecordingChatterboxTTSService, audio_of, free_port, of_type
+from .helpers import LivePipeline, RecordingChatterboxTTSService, audio_of, of_type
 from .test_speech import LONG_REPLY
 
 
