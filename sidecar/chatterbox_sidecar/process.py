@@ -57,6 +57,25 @@ def wait_healthy(
     return False
 
 
+def stop_process(proc: subprocess.Popen, sig: int | None = None, grace: float = 20.0) -> int:
+    """Ask a process to stop (SIGTERM, or ``sig``) and wait; kill it after ``grace`` seconds.
+
+    Returns:
+        Its exit status.
+    """
+    if proc.poll() is None:
+        if sig is None:
+            proc.terminate()
+        else:
+            proc.send_signal(sig)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 class SidecarProcess:
     """A sidecar (``python -m chatterbox_sidecar``) running in a subprocess.
 
@@ -131,17 +150,7 @@ class SidecarProcess:
         """
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            if sig is None:
-                self.proc.terminate()
-            else:
-                self.proc.send_signal(sig)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        code = self.proc.returncode
+        code = stop_process(self.proc, sig)
         self.proc = None
         return code
 

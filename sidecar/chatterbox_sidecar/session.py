@@ -107,24 +107,23 @@ class Context:
             text: The next piece, concatenated verbatim to what came before.
         """
         self.text_chars += len(text)
-        self._queue_segments(await self._segment(self._segmenter.push, text, len(text)))
+        self._queue_segments(await self._segment(lambda: self._segmenter.push(text), len(text)))
 
     async def close_text(self) -> None:
         """Mark the text complete: the rest goes to the engine and generation can finish."""
         if self.text_complete:
             return
         self.text_complete = True
-        self._queue_segments(await self._segment(self._segmenter.flush, None, self.text_chars))
+        self._queue_segments(await self._segment(self._segmenter.flush, self.text_chars))
         self._segments.put_nowait(None)
 
     @staticmethod
-    async def _segment(fn, arg, size: int) -> list[str]:
+    async def _segment(segment: Callable[[], list[str]], size: int) -> list[str]:
         # Splitting and normalising cost tens of microseconds a character: a long text is done
         # off the event loop so that other connections' audio keeps flowing meanwhile.
-        args = () if arg is None else (arg,)
         if size > LONG_TEXT_CHARS:
-            return await asyncio.to_thread(fn, *args)
-        return fn(*args)
+            return await asyncio.to_thread(segment)
+        return segment()
 
     def _queue_segments(self, segments: list[str]) -> None:
         for segment in segments:

@@ -57,12 +57,18 @@ def request(rid: str, **kw) -> T3Request:
     return T3Request(rid, **{**defaults, **kw})
 
 
-def run_decoder(decoder: T3BatchDecoder, requests: list[T3Request]) -> dict[str, list]:
-    """Add all requests, then step until all finish; returns each request's outputs."""
+def run_decoder(
+    decoder: T3BatchDecoder, requests: list[T3Request], prefill_together: bool = False
+) -> dict[str, list]:
+    """Add all requests (one by one, or in one prefill pass), then step until all finish.
+
+    Returns:
+        Each request's outputs.
+    """
     outs: dict[str, list] = {r.request_id: [] for r in requests}
     with torch.inference_mode():
-        for r in requests:
-            out = decoder.add(r)
+        firsts = decoder.add_batch(requests) if prefill_together else map(decoder.add, requests)
+        for r, out in zip(requests, firsts, strict=True):
             outs[r.request_id].append(out)
         while decoder.active_ids:
             for out in decoder.step():
@@ -337,13 +343,7 @@ def test_prefilling_together_matches_adding_one_by_one(model, tokenizer):
     one_by_one = T3BatchDecoder(model, tokenizer, max_batch_size=3, record_logits=True)
     want = run_decoder(one_by_one, reqs)
     together = T3BatchDecoder(model, tokenizer, max_batch_size=3, record_logits=True)
-    got: dict[str, list] = {}
-    with torch.inference_mode():
-        for r, out in zip(reqs, together.add_batch(reqs), strict=True):
-            got[r.request_id] = [out]
-        while together.active_ids:
-            for out in together.step():
-                got[out.request_id].append(out)
+    got = run_decoder(together, reqs, prefill_together=True)
     for r in reqs:
         assert [o.token for o in got[r.request_id]] == [o.token for o in want[r.request_id]]
         for a, b in zip(got[r.request_id], want[r.request_id], strict=True):

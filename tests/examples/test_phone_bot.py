@@ -24,7 +24,7 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
-from chatterbox_sidecar.process import free_port, wait_healthy
+from chatterbox_sidecar.process import free_port, stop_process, wait_healthy
 
 from tests.asr import normalize_words, transcribe, word_error_rate
 from tests.conftest import ROOT
@@ -117,13 +117,8 @@ class BotServer:
         raise TimeoutError(f"bot not up after {timeout} s:\n{self.log_text()}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
         self.proc = None
 
     @property

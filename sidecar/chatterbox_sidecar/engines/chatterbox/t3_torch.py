@@ -388,9 +388,9 @@ class T3BatchDecoder:
         seed = request.seed if request.seed is not None else secrets.randbits(63)
         values = [float(getattr(request, name)) for name in t3_sampling.PARAMS]
         values[0] = request.cfg_weight if len(slots) == 2 else 0.0
-        device = self.model.device
+        params = torch.tensor(values, device=self.model.device)
         for slot in slots:
-            self._params[:, slot] = torch.tensor(values, device=device)
+            self._params[:, slot] = params
             self._seeds[slot] = seed
             self._partner[slot] = slots[-1] if slot == head else slot
             self._seen[slot] = False
