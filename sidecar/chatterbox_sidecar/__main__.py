@@ -33,7 +33,7 @@ async def _serve(config: SidecarConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
-    app = App(config, create_engine(config), VoiceStore(config.voices_dir))
+    app = App(config, create_engine(config), VoiceStore(config.voices_dir, config.max_voices))
     return await run_until_stopped(app, stop, force)
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from loguru import logger
@@ -14,7 +16,7 @@ from loguru import logger
 from chatterbox_sidecar import __version__, protocol
 from chatterbox_sidecar.audio import resample, wav_bytes
 from chatterbox_sidecar.config import SidecarConfig
-from chatterbox_sidecar.engines.base import Engine, EngineError, SynthesisParams
+from chatterbox_sidecar.engines.base import Engine, EngineError, SynthesisParams, is_device_fault
 from chatterbox_sidecar.metrics import Metrics
 from chatterbox_sidecar.protocol import ProtocolError
 from chatterbox_sidecar.text import split_text
@@ -27,6 +29,9 @@ from chatterbox_sidecar.voices import (
 )
 
 ENGINE_FAILURES_UNHEALTHY = 3  # consecutive failed contexts before /health stops saying ready
+SPOKEN_CHARS_PER_SECOND = 15.0  # normalised English text spoken at an ordinary pace
+STREAMS_PER_ENGINE_SLOT = 8  # capacity of an engine that does not know its own
+DEVICE_FAULT_MESSAGE = "the engine's device failed; the server must be restarted"
 
 
 class App:
@@ -49,12 +54,101 @@ class App:
         self.started_at = time.time()
         self.draining = False
         self.contexts: set = set()  # every open context of every connection
+        self.http_streams = 0  # HTTP syntheses in progress
+        self.device_fault: str | None = None  # set once the engine's device failed for good
         self.metrics.queued_chunks.set_function(
             lambda: sum(ctx.audio.qsize() for ctx in self.contexts)
         )
-        self.max_active_contexts = config.max_active_contexts or 8 * engine.info.max_concurrency
+        self.metrics.active_streams.set_function(lambda: self.active_streams)
+        self.metrics.capacity.set_function(lambda: self.capacity)
+        self.metrics.add_engine_counters(lambda: self.engine.counters())
         self.engine_failures = 0  # consecutive contexts the engine failed
         self.last_engine_error: str | None = None
+
+    @property
+    def capacity(self) -> int:
+        """Returns: streams accepted at once: ``TTS_MAX_STREAMS``, else the engine's own."""
+        info = self.engine.info
+        return (
+            self.config.max_streams
+            or info.capacity
+            or STREAMS_PER_ENGINE_SLOT * info.max_concurrency
+        )
+
+    @property
+    def active_streams(self) -> int:
+        """Returns: open contexts of every connection plus HTTP syntheses in progress."""
+        return len(self.contexts) + self.http_streams
+
+    @property
+    def contexts_per_connection(self) -> int:
+        """Returns: open contexts one connection may hold: its share of the capacity.
+
+        No connection may hold more than half the server's streams, so that one client can
+        never lock every other out (``TTS_MAX_CONTEXTS`` caps it further).
+        """
+        return max(1, min(self.config.max_contexts_per_connection, self.capacity // 2))
+
+    def check_admission(self, context_id: str | None = None) -> None:
+        """Refuse a new stream the server cannot take now.
+
+        Args:
+            context_id: The context asking, for the error.
+
+        Raises:
+            ProtocolError: ``busy`` (draining, or at capacity) or ``engine_error`` after a
+                device fault.
+        """
+        if self.device_fault is not None:
+            raise ProtocolError("engine_error", DEVICE_FAULT_MESSAGE, context_id)
+        if self.draining:
+            raise ProtocolError(
+                "busy", "the server is shutting down; open a new connection", context_id
+            )
+        if self.active_streams >= self.capacity:
+            raise ProtocolError(
+                "busy",
+                f"server at capacity: {self.capacity} streams in progress (TTS_MAX_STREAMS); "
+                "try another server or retry shortly",
+                context_id,
+            )
+
+    @contextmanager
+    def http_stream(self) -> Iterator[None]:
+        """Count one HTTP synthesis as a stream while it runs (see :meth:`check_admission`).
+
+        Raises:
+            ProtocolError: As :meth:`check_admission`.
+        """
+        self.check_admission()
+        self.http_streams += 1
+        try:
+            yield
+        finally:
+            self.http_streams -= 1
+
+    def record_failure(self, error: BaseException, context_id: str) -> tuple[str, str]:
+        """Classify an unexpected engine exception and note a device fault.
+
+        Args:
+            error: What the engine raised.
+            context_id: The context it ended, for the log.
+
+        Returns:
+            The error code and the message for the client.
+        """
+        if is_device_fault(error):
+            if self.device_fault is None:
+                logger.critical(
+                    f"Context {context_id}: the engine's device failed "
+                    f"({type(error).__name__}: {error}); /health/live now answers 503 so the "
+                    "supervisor restarts the sidecar"
+                )
+            self.device_fault = f"{type(error).__name__}: {error}"
+            self.metrics.device_fault.set(1)
+            return "engine_error", DEVICE_FAULT_MESSAGE
+        logger.opt(exception=error).error(f"Context {context_id}: engine failed")
+        return "engine_error", f"synthesis failed ({type(error).__name__})"
 
     async def start_engine(self) -> None:
         """Load and warm up the engine; readiness follows success."""
@@ -89,34 +183,47 @@ class App:
         }
 
     @property
+    def live(self) -> bool:
+        """Returns: whether the process can still work at all (the liveness probe)."""
+        return self.device_fault is None
+
+    @property
     def healthy(self) -> bool:
-        """Returns: whether the sidecar should take new work (the readiness probe)."""
-        return (
-            self.ready.is_set()
-            and not self.draining
-            and self.engine_failures < ENGINE_FAILURES_UNHEALTHY
-        )
+        """Returns: whether the sidecar takes new work now (the readiness probe)."""
+        return self.status == "ready"
+
+    @property
+    def status(self) -> str:
+        """The sidecar's state for ``/health``.
+
+        Returns:
+            ``ready``, or why not: ``failed``, ``device_fault``, ``loading``, ``draining``,
+            ``degraded`` (the engine failed several contexts in a row) or ``at_capacity``.
+        """
+        if self.load_error:
+            return "failed"
+        if self.device_fault is not None:
+            return "device_fault"
+        if not self.ready.is_set():
+            return "loading"
+        if self.draining:
+            return "draining"
+        if self.engine_failures >= ENGINE_FAILURES_UNHEALTHY:
+            return "degraded"
+        if self.active_streams >= self.capacity:
+            return "at_capacity"
+        return "ready"
 
     def health(self) -> dict:
-        """Returns: the health document served at ``/health``."""
-        if self.load_error:
-            status = "failed"
-        elif not self.ready.is_set():
-            status = "loading"
-        elif self.draining:
-            status = "draining"
-        elif self.engine_failures >= ENGINE_FAILURES_UNHEALTHY:
-            status = "degraded"
-        else:
-            status = "ready"
+        """Returns: the health document served at ``/health`` (no error text: it is open)."""
         return {
-            "status": status,
+            "status": self.status,
             "engine": self.engine.info.name,
             "version": __version__,
             "uptime_s": round(time.time() - self.started_at, 1),
-            "active_contexts": len(self.contexts),
+            "active_streams": self.active_streams,
+            "capacity": self.capacity,
             "consecutive_engine_failures": self.engine_failures,
-            "error": self.load_error or (self.last_engine_error if self.engine_failures else None),
         }
 
     def record_engine_outcome(self, error: str | None) -> None:
@@ -131,8 +238,12 @@ class App:
         self.engine_failures += 1
         self.last_engine_error = error
         self.metrics.engine_errors.inc()
+        self.metrics.last_engine_error.info({"message": error})
         if self.engine_failures == ENGINE_FAILURES_UNHEALTHY:
-            logger.error(f"Engine failed {self.engine_failures} contexts in a row: {error}")
+            logger.error(
+                f"Engine failed {self.engine_failures} contexts in a row (last: {error}); "
+                "/health/ready answers 503 until a context succeeds"
+            )
 
     def list_voices(self) -> list[dict]:
         """Returns: the default voice and every registered voice, as listed to clients."""
@@ -209,11 +320,32 @@ class App:
         await self.engine.forget_voice(voice_id)
         self.metrics.voices.labels("delete").inc()
 
+    def check_audio_estimate(self, spoken_chars: int, context_id: str | None = None) -> None:
+        """Refuse text whose speech would outlast ``TTS_MAX_AUDIO_SECONDS``.
+
+        Args:
+            spoken_chars: Characters of normalised text (numbers spelt out) so far.
+            context_id: The context, for the error.
+
+        Raises:
+            ProtocolError: ``text_too_long``.
+        """
+        estimate = spoken_chars / SPOKEN_CHARS_PER_SECOND
+        if estimate > self.config.max_audio_seconds:
+            raise ProtocolError(
+                "text_too_long",
+                f"the text would take about {estimate:.0f} s to speak; the limit is "
+                f"{self.config.max_audio_seconds:g} s of audio per context",
+                context_id,
+            )
+
     async def synthesize_wav(self, text: str, voice_id: str, sample_rate: int) -> bytes:
         """Synthesize a whole text into a WAV file (the one-shot HTTP route).
 
+        The synthesis counts as one stream against the capacity while it runs.
+
         Args:
-            text: The text, already checked against the length limit.
+            text: The text, already checked against the length limit and cleaned.
             voice_id: A validated voice id.
             sample_rate: Output rate in Hz.
 
@@ -221,18 +353,30 @@ class App:
             The WAV file's bytes (16-bit PCM, mono).
 
         Raises:
-            ProtocolError: ``voice_not_found`` or ``unsupported``.
+            ProtocolError: ``voice_not_found``, ``unsupported``, ``busy``, ``text_too_long``.
             EngineError: If synthesis fails.
         """
         voice = self.resolve_voice(voice_id)
         info = self.engine.info
+        with self.http_stream():
+            pieces = await asyncio.to_thread(split_text, text, info.max_segment_chars)
+            self.check_audio_estimate(sum(len(p) for p in pieces))
 
-        async def segments():
-            for segment in split_text(text, info.max_segment_chars):
-                yield segment
+            async def segments():
+                for segment in pieces:
+                    yield segment
 
-        params = SynthesisParams(voice_id=voice_id, streaming=False)
-        chunks = [c async for c in self.engine.synthesize(segments(), params, voice)]
+            params = SynthesisParams(voice_id=voice_id, streaming=False, context_id="http")
+            try:
+                chunks = [c async for c in self.engine.synthesize(segments(), params, voice)]
+            except EngineError as e:
+                self.record_engine_outcome(str(e))
+                raise
+            except Exception as e:
+                code, message = self.record_failure(e, "http")
+                self.record_engine_outcome(message)
+                raise EngineError(message) from e
+        self.record_engine_outcome(None)
         audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
         self.metrics.characters.inc(len(text))
         self.metrics.audio_seconds.inc(len(audio) / info.native_sample_rate)

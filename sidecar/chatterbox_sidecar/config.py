@@ -33,7 +33,8 @@ class SidecarConfig:
         voices_dir: Registered voices (``TTS_VOICES_DIR``).
         log_dir: Log folder for ``tts.log`` (``TTS_LOG_DIR``).
         log_level: Loguru level (``TTS_LOG_LEVEL``).
-        api_key: Bearer key required on every route but ``/health`` (``TTS_API_KEY``).
+        api_key: Bearer key required on every route but ``/health``, ``/health/live`` and
+            ``/health/ready`` (``TTS_API_KEY``).
         chunk_size: Speech tokens per streamed S3Gen chunk (``TTS_CHUNK_SIZE``).
         context_window: Left-context tokens per S3Gen chunk (``TTS_CONTEXT_WINDOW``).
         streaming: Default for requests that do not say ``streaming`` (``TTS_STREAMING``).
@@ -56,8 +57,14 @@ class SidecarConfig:
             experimental: on an H100 machine the compile had not finished after 320 s, so its
             speed-up is unmeasured; see ``benchmarks/NOTES.md``).
         piper_model: Piper ``.onnx`` voice, or None for the bundled one (``TTS_PIPER_MODEL``).
-        max_active_contexts: Contexts open across all connections before new ones get ``busy``;
-            0 for 8 per engine slot (``TTS_MAX_ACTIVE_CONTEXTS``).
+        max_streams: Contexts open across all connections (and HTTP syntheses) before new ones
+            get ``busy`` and ``/health/ready`` answers 503; 0 for the engine's capacity
+            (``TTS_MAX_STREAMS``; ``TTS_MAX_ACTIVE_CONTEXTS`` is its old name).
+        context_idle_seconds: An open context with no text and no flush for this long is ended
+            with ``timeout`` (``TTS_CONTEXT_IDLE_SECONDS``).
+        max_voices: Registered voices the store holds (``TTS_MAX_VOICES``).
+        max_audio_seconds: Audio one context may produce; text estimated to need more gets
+            ``text_too_long`` (``TTS_MAX_AUDIO_SECONDS``).
         drain_seconds: On SIGTERM, how long in-flight contexts may finish (``TTS_DRAIN_SECONDS``).
         stall_seconds: A client that takes longer to accept audio is cut off
             (``TTS_STALL_SECONDS``).
@@ -89,7 +96,10 @@ class SidecarConfig:
     first_chunk_size: int = 7
     reference_seconds: float = 0.0
     compile_flow: bool = False
-    max_active_contexts: int = 0
+    max_streams: int = 0
+    context_idle_seconds: float = 60.0
+    max_voices: int = 1000
+    max_audio_seconds: float = 1800.0
     drain_seconds: float = 30.0
     stall_seconds: float = 10.0
     idle_seconds: float = 300.0
@@ -136,7 +146,12 @@ class SidecarConfig:
             first_chunk_size=r.int("TTS_FIRST_CHUNK_SIZE", 7, 7, 500),
             reference_seconds=r.float("TTS_REFERENCE_SECONDS", 0.0, 0.0, 10.0),
             compile_flow=r.bool("TTS_COMPILE_FLOW", False),
-            max_active_contexts=r.int("TTS_MAX_ACTIVE_CONTEXTS", 0, 0, 1_000_000),
+            max_streams=r.int(
+                "TTS_MAX_STREAMS", r.int("TTS_MAX_ACTIVE_CONTEXTS", 0, 0, 1_000_000), 0, 1_000_000
+            ),
+            context_idle_seconds=r.float("TTS_CONTEXT_IDLE_SECONDS", 60.0, 0.5, 86400.0),
+            max_voices=r.int("TTS_MAX_VOICES", 1000, 1, 1_000_000),
+            max_audio_seconds=r.float("TTS_MAX_AUDIO_SECONDS", 1800.0, 1.0, 86400.0),
             drain_seconds=r.float("TTS_DRAIN_SECONDS", 30.0, 0.0, 3600.0),
             stall_seconds=r.float("TTS_STALL_SECONDS", 10.0, 0.1, 3600.0),
             idle_seconds=r.float("TTS_IDLE_SECONDS", 300.0, 1.0, 86400.0),
@@ -162,6 +177,9 @@ class SidecarConfig:
             "max_reference_seconds": 30,
             "idle_timeout_seconds": self.idle_seconds,
             "stall_timeout_seconds": self.stall_seconds,
+            "context_idle_timeout_seconds": self.context_idle_seconds,
+            "max_audio_seconds": self.max_audio_seconds,
+            "max_voices": self.max_voices,
         }
 
 

@@ -22,7 +22,13 @@ MIN_SAMPLE_RATE = 8000
 MAX_SAMPLE_RATE = 48000
 ENCODINGS = ("pcm_f32le", "pcm_s16le", "pcm_mulaw")
 DEFAULT_ENCODING = "pcm_f32le"
-CONTEXT_ID_PATTERN = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+CONTEXT_ID_PATTERN = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces; fullmatch
+# Text a client may never send: NUL and lone surrogates (not Unicode text at all).
+_FORBIDDEN_TEXT = re.compile(r"[\x00\ud800-\udfff]")
+# Other control characters (C0 but tab and newlines, DEL, C1) and noncharacters become spaces.
+_CONTROL_TEXT = re.compile(r"[\x01-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffe\uffff]")
+
+_REPR = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>")
 
 ERROR_CODES = (
     "invalid_json",
@@ -33,8 +39,12 @@ ERROR_CODES = (
     "invalid_audio",
     "unsupported",
     "busy",
+    "timeout",
+    "quota_exceeded",
     "engine_error",
     "not_ready",
+    "not_found",
+    "unauthorized",
     "internal_error",
 )
 
@@ -107,7 +117,12 @@ class ListVoices:
     """A ``list_voices`` message."""
 
 
-ClientMessage = Synthesize | Flush | Cancel | RegisterVoice | DeleteVoice | ListVoices
+@dataclass(frozen=True)
+class KeepAlive:
+    """A ``keepalive`` message: no reply; it keeps an idle connection open."""
+
+
+ClientMessage = Synthesize | Flush | Cancel | RegisterVoice | DeleteVoice | ListVoices | KeepAlive
 
 _MISSING = object()
 
@@ -167,7 +182,7 @@ class _Fields:
 
 def _context_id(fields: _Fields, required: bool) -> str | None:
     value = fields.str("context_id", _MISSING if required else None)
-    if value is not None and not CONTEXT_ID_PATTERN.match(value):
+    if value is not None and not CONTEXT_ID_PATTERN.fullmatch(value):
         raise ProtocolError(
             "invalid_request", "'context_id' must be 1-128 printable ASCII characters, no spaces"
         )
@@ -176,7 +191,7 @@ def _context_id(fields: _Fields, required: bool) -> str | None:
 
 def _voice_id(fields: _Fields, default: Any = _MISSING) -> str:
     value = fields.str("voice_id", default)
-    if not VOICE_ID_PATTERN.match(value):
+    if not VOICE_ID_PATTERN.fullmatch(value):
         raise ProtocolError(
             "invalid_request",
             "'voice_id' must be 1-64 characters of letters, digits, '_' or '-'",
@@ -210,7 +225,7 @@ def parse_client_message(raw: str) -> ClientMessage:
     fields = _Fields(obj)
     if kind in ("synthesize", "flush", "cancel"):
         raw_cid = obj.get("context_id")
-        if isinstance(raw_cid, str) and CONTEXT_ID_PATTERN.match(raw_cid):
+        if isinstance(raw_cid, str) and CONTEXT_ID_PATTERN.fullmatch(raw_cid):
             fields.context_id = raw_cid
     if kind == "synthesize":
         return _parse_synthesize(fields)
@@ -224,12 +239,37 @@ def parse_client_message(raw: str) -> ClientMessage:
         return DeleteVoice(_voice_id(fields))
     if kind == "list_voices":
         return ListVoices()
+    if kind == "keepalive":
+        return KeepAlive()
     raise ProtocolError("unknown_type", f"unknown message type '{kind[:64]}'")
+
+
+def clean_text(text: str, context_id: str | None = None) -> str:
+    """Check text a client sent for synthesis.
+
+    Args:
+        text: The text.
+        context_id: The context it belongs to, for the error.
+
+    Returns:
+        The text with control characters (other than tab and newlines) replaced by spaces.
+
+    Raises:
+        ProtocolError: ``invalid_request`` for NUL or a lone surrogate, which no text holds.
+    """
+    bad = _FORBIDDEN_TEXT.search(text)
+    if bad is not None:
+        raise ProtocolError(
+            "invalid_request",
+            f"'text' holds an invalid character (U+{ord(bad.group()):04X}) at {bad.start()}",
+            context_id,
+        )
+    return _CONTROL_TEXT.sub(" ", text)
 
 
 def _parse_synthesize(fields: _Fields) -> Synthesize:
     context_id = _context_id(fields, required=False)
-    text = fields.str("text")
+    text = clean_text(fields.str("text"), fields.context_id)
     continue_ = fields.bool("continue", False)
     if not continue_ and not text.strip():
         raise ProtocolError("invalid_request", "'text' must not be empty", fields.context_id)
@@ -287,10 +327,15 @@ def error(code: str, message: str, context_id: str | None = None) -> dict[str, A
     Returns:
         The message.
     """
-    msg: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    msg: dict[str, Any] = {"type": "error", "code": code, "message": _no_reprs(message)}
     if context_id is not None:
         msg["context_id"] = context_id
     return msg
+
+
+def _no_reprs(message: str) -> str:
+    # A last guard for messages built from exceptions: object reprs carry memory addresses.
+    return _REPR.sub("<object>", message)
 
 
 def started(context_id: str, request: Synthesize, streaming: bool) -> dict[str, Any]:

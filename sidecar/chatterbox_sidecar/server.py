@@ -1,24 +1,20 @@
-"""The websocket server: the protocol endpoint, HTTP routes, auth and admission.
+"""The server: the protocol's websocket endpoint and the HTTP routes, on one port.
 
-Everything is served on one port by the ``websockets`` library; plain HTTP GETs are answered
-from ``process_request`` before any handshake.
+Served by ``aiohttp``: websockets at ``/v1/stream/tts`` and plain HTTP routes side by side, each
+request in its own handler with no handshake deadline over it (a long HTTP synthesis is not cut
+off), auth and error shapes in middlewares, admission counted only for upgrades that succeed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import time
-from dataclasses import replace
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from urllib.parse import parse_qs, urlsplit
 
+from aiohttp import WSMsgType, web
 from loguru import logger
-from websockets import ConnectionClosed
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
-from websockets.http11 import Request, Response
 
 from chatterbox_sidecar import protocol
 from chatterbox_sidecar.app import App
@@ -27,36 +23,47 @@ from chatterbox_sidecar.protocol import ProtocolError
 from chatterbox_sidecar.session import Session
 from chatterbox_sidecar.voices import VOICE_ID_PATTERN
 
-OPEN_PATHS = ("/health", "/health/live", "/health/ready")
+OPEN_PATHS = frozenset({"/health", "/health/live", "/health/ready"})
+HEARTBEAT_S = 20.0  # websocket pings; a client that does not answer within half of it is gone
+HEADER_TIMEOUT_S = 15.0  # a connection that has not sent a whole request by then is closed
+STATUS_OF_CODE = {
+    "busy": HTTPStatus.SERVICE_UNAVAILABLE,
+    "not_ready": HTTPStatus.SERVICE_UNAVAILABLE,
+    "voice_not_found": HTTPStatus.NOT_FOUND,
+    "not_found": HTTPStatus.NOT_FOUND,
+    "quota_exceeded": HTTPStatus.INSUFFICIENT_STORAGE,
+    "engine_error": HTTPStatus.INTERNAL_SERVER_ERROR,
+    "internal_error": HTTPStatus.INTERNAL_SERVER_ERROR,
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _response(
-    connection: ServerConnection,
-    status: HTTPStatus,
-    body: bytes,
-    content_type: str,
-    headers: dict[str, str] | None = None,
-) -> Response:
-    response = connection.respond(status, "")
-    new_headers = Headers(response.headers)
-    extra = {"Content-Type": content_type, "Content-Length": str(len(body)), **(headers or {})}
-    for key, value in extra.items():
-        if key in new_headers:
-            del new_headers[key]  # Headers is a multi-dict: assignment would add a second value
-        new_headers[key] = value
-    return replace(response, headers=new_headers, body=body)
+def error_response(
+    status: HTTPStatus, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    """Build an HTTP error in the protocol's shape (``{"type": "error", "code", "message"}``).
+
+    Args:
+        status: HTTP status.
+        code: Protocol error code.
+        message: Explanation.
+        headers: Extra headers.
+
+    Returns:
+        The response.
+    """
+    return web.json_response(protocol.error(code, message), status=int(status), headers=headers)
 
 
-def _json(connection: ServerConnection, status: HTTPStatus, document: object) -> Response:
-    return _response(connection, status, json.dumps(document).encode(), "application/json")
-
-
-def _error(connection: ServerConnection, status: HTTPStatus, code: str, message: str) -> Response:
-    return _json(connection, status, protocol.error(code, message))
+def protocol_error_response(error: ProtocolError) -> web.Response:
+    """Returns: ``error`` as an HTTP response with the status its code implies."""
+    status = STATUS_OF_CODE.get(error.code, HTTPStatus.BAD_REQUEST)
+    return error_response(status, error.code, error.message)
 
 
 class SidecarServer:
-    """Serves one :class:`App` over websockets and HTTP."""
+    """Serves one :class:`App` over websockets and HTTP on one port."""
 
     def __init__(self, app: App):
         """Initialize the server.
@@ -65,200 +72,279 @@ class SidecarServer:
             app: The sidecar app.
         """
         self._app = app
-        self._connections = 0
+        self._connections = 0  # websocket connections admitted and not yet closed
+        self._sockets: set[web.WebSocketResponse] = set()
         self._sessions: set[Session] = set()
-        self._server: Server | None = None
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self.web_app = web.Application(
+            middlewares=[self._errors, self._auth],
+            client_max_size=app.config.max_frame_bytes,
+        )
+        self.web_app.router.add_get(protocol.PATH, self._websocket)
+        self.web_app.router.add_get("/health", self._health)
+        self.web_app.router.add_get("/health/live", self._health)
+        self.web_app.router.add_get("/health/ready", self._health)
+        self.web_app.router.add_get("/metrics", self._metrics)
+        self.web_app.router.add_get("/v1/voices", self._voices)
+        self.web_app.router.add_get("/v1/synthesize", self._synthesize_wav)
 
     @property
     def port(self) -> int:
         """Returns: the port actually bound (useful with port 0)."""
-        assert self._server is not None
-        return self._server.sockets[0].getsockname()[1]
+        assert self._runner is not None
+        return self._runner.addresses[0][1]
 
     async def start(self) -> None:
         """Bind and start serving (the engine may still be loading)."""
         config = self._app.config
-        self._server = await serve(
-            self._handle,
-            config.host,
-            config.port,
-            process_request=self._process_request,
-            max_size=config.max_frame_bytes,
-            max_queue=16,
-            ping_interval=20,
-            ping_timeout=20,
-            close_timeout=2,
-            server_header=None,
+        self._runner = web.AppRunner(
+            self.web_app,
+            access_log=None,
+            handle_signals=False,
+            # cancel a handler whose client went away (an HTTP synthesis stops at once)
+            handler_cancellation=True,
+            # also closes a connection that has not sent a whole request by then (slowloris)
+            keepalive_timeout=HEADER_TIMEOUT_S,
         )
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, config.host, config.port, shutdown_timeout=2.0)
+        await self._site.start()
         logger.info(f"Listening on ws://{config.host}:{self.port}{protocol.PATH}")
 
     async def close(self) -> None:
         """Close every connection (1001, going away) and stop listening."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        await asyncio.gather(
+            *(ws.close(code=1001, message=b"server shutting down") for ws in list(self._sockets)),
+            return_exceptions=True,
+        )
+        if self._runner is not None:
+            await self._runner.cleanup()
 
-    def _authorized(self, request: Request) -> bool:
+    # --- middlewares ----------------------------------------------------------------------
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Answer unknown routes and methods in the protocol's error shape."""
+        try:
+            return await handler(request)
+        except web.HTTPNotFound:
+            return error_response(HTTPStatus.NOT_FOUND, "not_found", f"no route {request.path}")
+        except web.HTTPMethodNotAllowed as e:
+            return error_response(
+                HTTPStatus.METHOD_NOT_ALLOWED,
+                "invalid_request",
+                f"{request.method} is not allowed on {request.path}",
+                {"Allow": ", ".join(sorted(e.allowed_methods))},
+            )
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                "invalid_request",
+                f"body exceeds {self._app.config.max_frame_bytes} bytes",
+            )
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Require the API key on every route but the health probes."""
+        if request.path in OPEN_PATHS:
+            return await handler(request)
+        if len(request.headers.getall("Authorization", [])) > 1:
+            return error_response(
+                HTTPStatus.BAD_REQUEST, "invalid_request", "more than one Authorization header"
+            )
+        if not self._authorized(request):
+            self._app.metrics.connections_rejected.labels("unauthorized").inc()
+            return error_response(
+                HTTPStatus.UNAUTHORIZED,
+                "unauthorized",
+                "missing or invalid API key",
+                {"WWW-Authenticate": 'Bearer realm="tts"'},
+            )
+        return await handler(request)
+
+    def _authorized(self, request: web.Request) -> bool:
         key = self._app.config.api_key
         if key is None:
             return True
         header = request.headers.get("Authorization", "")
         supplied = header[7:] if header.startswith("Bearer ") else None
         if supplied is None:
-            supplied = parse_qs(urlsplit(request.path).query).get("api_key", [None])[0]
+            supplied = request.query.get("api_key")
         if supplied is None:
             return False
         return hmac.compare_digest(supplied.encode(), key.encode())
 
-    async def _process_request(
-        self, connection: ServerConnection, request: Request
-    ) -> Response | None:
-        url = urlsplit(request.path)
-        path = url.path.rstrip("/") or "/"
-        if path in OPEN_PATHS:
-            return self._health(connection, path)
-        if not self._authorized(request):
-            self._app.metrics.connections_rejected.labels("unauthorized").inc()
-            return _response(
-                connection,
-                HTTPStatus.UNAUTHORIZED,
-                b"missing or invalid API key\n",
-                "text/plain",
-                {"WWW-Authenticate": 'Bearer realm="tts"'},
-            )
-        if path == protocol.PATH:
-            return self._admit(connection)
-        if path == "/metrics":
-            return _response(
-                connection,
-                HTTPStatus.OK,
-                self._app.metrics.render(),
-                self._app.metrics.content_type,
-            )
-        if path == "/v1/voices":
-            return _json(connection, HTTPStatus.OK, {"voices": self._app.list_voices()})
-        if path == "/v1/synthesize":
-            return await self._synthesize_wav(connection, parse_qs(url.query))
-        return _error(connection, HTTPStatus.NOT_FOUND, "not_found", f"no route {path}")
+    # --- HTTP routes ----------------------------------------------------------------------
 
-    def _health(self, connection: ServerConnection, path: str) -> Response:
-        if path == "/health/live":
-            return _json(connection, HTTPStatus.OK, {"status": "live"})
-        status = HTTPStatus.OK if self._app.healthy else HTTPStatus.SERVICE_UNAVAILABLE
-        return _json(connection, status, self._app.health())
+    async def _health(self, request: web.Request) -> web.Response:
+        app = self._app
+        if request.path == "/health/live":
+            if app.live:
+                return web.json_response({"status": "live"})
+            return web.json_response({"status": "device_fault"}, status=503)
+        status = HTTPStatus.OK if app.healthy else HTTPStatus.SERVICE_UNAVAILABLE
+        return web.json_response(app.health(), status=int(status))
 
-    def _admit(self, connection: ServerConnection) -> Response | None:
-        if self._app.draining:
-            self._app.metrics.connections_rejected.labels("draining").inc()
-            return _error(
-                connection, HTTPStatus.SERVICE_UNAVAILABLE, "busy", "the server is shutting down"
-            )
-        if not self._app.ready.is_set():
-            self._app.metrics.connections_rejected.labels("not_ready").inc()
-            return _error(
-                connection, HTTPStatus.SERVICE_UNAVAILABLE, "not_ready", "engine is loading"
-            )
-        if self._connections >= self._app.config.max_connections:
-            self._app.metrics.connections_rejected.labels("max_connections").inc()
-            return _error(
-                connection,
-                HTTPStatus.SERVICE_UNAVAILABLE,
-                "busy",
-                f"connection limit reached ({self._app.config.max_connections})",
-            )
-        self._connections += 1  # counted from admission so a burst cannot overshoot the limit
-        connection.tts_admitted = True  # type: ignore[attr-defined]
-        return None
+    async def _metrics(self, request: web.Request) -> web.Response:
+        metrics = self._app.metrics
+        return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
 
-    async def _synthesize_wav(
-        self, connection: ServerConnection, query: dict[str, list[str]]
-    ) -> Response:
+    async def _voices(self, request: web.Request) -> web.Response:
+        return web.json_response({"voices": self._app.list_voices()})
+
+    async def _synthesize_wav(self, request: web.Request) -> web.Response:
         app = self._app
         if not app.ready.is_set():
-            return _error(
-                connection, HTTPStatus.SERVICE_UNAVAILABLE, "not_ready", "engine is loading"
-            )
-        text = query.get("text", [""])[0]
-        voice_id = query.get("voice_id", ["default"])[0]
+            return error_response(HTTPStatus.SERVICE_UNAVAILABLE, "not_ready", "engine is loading")
+        query = request.query
+        text = query.get("text", "")
+        voice_id = query.get("voice_id", "default")
         try:
-            sample_rate = int(query.get("sample_rate", [str(protocol.DEFAULT_SAMPLE_RATE)])[0])
+            sample_rate = int(query.get("sample_rate", str(protocol.DEFAULT_SAMPLE_RATE)))
         except ValueError:
             sample_rate = -1
-        if not text.strip():
-            return _error(
-                connection, HTTPStatus.BAD_REQUEST, "invalid_request", "'text' is required"
-            )
-        if len(text) > app.config.max_text_chars:
-            return _error(
-                connection,
-                HTTPStatus.BAD_REQUEST,
-                "text_too_long",
-                f"text exceeds {app.config.max_text_chars} characters",
-            )
-        if not protocol.MIN_SAMPLE_RATE <= sample_rate <= protocol.MAX_SAMPLE_RATE:
-            return _error(
-                connection,
-                HTTPStatus.BAD_REQUEST,
-                "invalid_request",
-                "'sample_rate' must be an integer from 8000 to 48000",
-            )
-        if not VOICE_ID_PATTERN.match(voice_id):
-            return _error(connection, HTTPStatus.BAD_REQUEST, "invalid_request", "bad 'voice_id'")
         try:
+            text = protocol.clean_text(text)
+            if not text.strip():
+                raise ProtocolError("invalid_request", "'text' is required")
+            if len(text) > app.config.max_text_chars:
+                raise ProtocolError(
+                    "text_too_long", f"text exceeds {app.config.max_text_chars} characters"
+                )
+            if not protocol.MIN_SAMPLE_RATE <= sample_rate <= protocol.MAX_SAMPLE_RATE:
+                raise ProtocolError(
+                    "invalid_request", "'sample_rate' must be an integer from 8000 to 48000"
+                )
+            if not VOICE_ID_PATTERN.fullmatch(voice_id):
+                raise ProtocolError("invalid_request", "bad 'voice_id'")
             wav = await app.synthesize_wav(text, voice_id, sample_rate)
         except ProtocolError as e:
-            status = HTTPStatus.NOT_FOUND if e.code == "voice_not_found" else HTTPStatus.BAD_REQUEST
-            return _error(connection, status, e.code, e.message)
+            app.metrics.errors.labels(e.code).inc()
+            return protocol_error_response(e)
         except EngineError as e:
-            return _error(connection, HTTPStatus.INTERNAL_SERVER_ERROR, e.code, str(e))
-        return _response(connection, HTTPStatus.OK, wav, "audio/wav")
+            app.metrics.errors.labels(e.code).inc()
+            status = STATUS_OF_CODE.get(e.code, HTTPStatus.BAD_REQUEST)
+            return error_response(status, e.code, str(e))
+        return web.Response(body=wav, content_type="audio/wav")
 
-    async def _handle(self, connection: ServerConnection) -> None:
-        host, port = connection.remote_address[:2]
-        peer = f"{host}:{port}"
+    # --- the websocket endpoint -----------------------------------------------------------
+
+    def _admission_error(self) -> web.Response | None:
         app = self._app
-        app.metrics.connections_open.inc()
+        if app.draining:
+            app.metrics.connections_rejected.labels("draining").inc()
+            return error_response(
+                HTTPStatus.SERVICE_UNAVAILABLE, "busy", "the server is shutting down"
+            )
+        if not app.ready.is_set():
+            app.metrics.connections_rejected.labels("not_ready").inc()
+            return error_response(HTTPStatus.SERVICE_UNAVAILABLE, "not_ready", "engine is loading")
+        if not app.live:
+            app.metrics.connections_rejected.labels("device_fault").inc()
+            return error_response(
+                HTTPStatus.SERVICE_UNAVAILABLE, "engine_error", "the engine's device failed"
+            )
+        if self._connections >= app.config.max_connections:
+            app.metrics.connections_rejected.labels("max_connections").inc()
+            return error_response(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "busy",
+                f"server connection limit reached ({app.config.max_connections} connections, "
+                "TTS_MAX_CONNECTIONS)",
+            )
+        return None
+
+    async def _websocket(self, request: web.Request) -> web.StreamResponse:
+        rejection = self._admission_error()
+        if rejection is not None:
+            return rejection
+        config = self._app.config
+        ws = web.WebSocketResponse(
+            max_msg_size=config.max_frame_bytes, heartbeat=HEARTBEAT_S, compress=False
+        )
+        if not ws.can_prepare(request).ok:
+            return error_response(
+                HTTPStatus.UPGRADE_REQUIRED,
+                "invalid_request",
+                f"{protocol.PATH} is a websocket endpoint: send an upgrade request",
+                {"Upgrade": "websocket", "Connection": "Upgrade"},
+            )
+        # Counted before the first await, so a burst cannot overshoot the limit, and released
+        # in the finally below on every path, a failed handshake included.
+        self._connections += 1
+        try:
+            await ws.prepare(request)
+            await self._serve(ws, request)
+        except (ConnectionError, asyncio.CancelledError):
+            pass  # the client went away during the handshake or the connection
+        finally:
+            self._connections -= 1
+        return ws
+
+    async def _serve(self, ws: web.WebSocketResponse, request: web.Request) -> None:
+        app = self._app
+        peer = _peer(request)
+        transport = request.transport
+
+        async def send(data: str | bytes) -> None:
+            if isinstance(data, str):
+                await ws.send_str(data)
+            else:
+                await ws.send_bytes(data)
 
         async def close(code: int, reason: str) -> None:
-            await connection.close(code, reason)
+            try:
+                await asyncio.wait_for(ws.close(code=code, message=reason.encode()), 2.0)
+            except (TimeoutError, ConnectionError):
+                if transport is not None:
+                    transport.abort()  # a client that reads nothing cannot take a close frame
 
-        session = Session(app, connection.send, close, peer)
+        session = Session(app, send, close, peer)
         self._sessions.add(session)
+        self._sockets.add(ws)
+        app.metrics.connections_open.inc()
         logger.info(f"{session}: connected")
         t0 = time.perf_counter()
+        activity = _Activity()
+        idle_watch = asyncio.create_task(self._close_when_idle(ws, session, activity))
         try:
             await session.send_json(app.ready_message())
-            await self._receive(connection, session)
-        except ConnectionClosed:
-            pass
+            async for message in ws:
+                activity.touch()
+                if message.type == WSMsgType.TEXT:
+                    await session.handle_text(message.data)
+                elif message.type == WSMsgType.BINARY:
+                    await session.handle_binary()
+                elif message.type == WSMsgType.ERROR:
+                    break
+        except ConnectionAbortedError:
+            pass  # the session cut off a client that stopped reading
         finally:
+            idle_watch.cancel()
+            self._sockets.discard(ws)
             self._sessions.discard(session)
             await session.close()
-            self._connections -= 1
+            if not ws.closed:
+                await close(1000, "")
             app.metrics.connections_open.dec()
             logger.info(
                 f"{session}: disconnected after {time.perf_counter() - t0:.1f} s "
-                f"(code {connection.close_code})"
+                f"(code {ws.close_code})"
             )
 
-    async def _receive(self, connection: ServerConnection, session: Session) -> None:
+    async def _close_when_idle(
+        self, ws: web.WebSocketResponse, session: Session, activity: _Activity
+    ) -> None:
         idle = self._app.config.idle_seconds
-        last_activity = time.monotonic()
-        while True:
-            try:
-                # cancelling recv() is safe in websockets: no frame is lost
-                frame = await asyncio.wait_for(connection.recv(), timeout=idle)
-            except TimeoutError:
-                if session.has_open_contexts or time.monotonic() - last_activity < idle:
-                    continue
+        while not ws.closed:
+            await asyncio.sleep(min(1.0, idle / 4))
+            if session.has_open_contexts:
+                activity.touch()  # a connection with work in progress is not idle
+            elif time.monotonic() - activity.last >= idle:
                 logger.info(f"{session}: idle for {idle:g} s, closing")
-                await connection.close(1000, "idle timeout")
+                await ws.close(code=1000, message=b"idle timeout")
                 return
-            last_activity = time.monotonic()
-            if isinstance(frame, str):
-                await session.handle_text(frame)
-            else:
-                await session.handle_binary()
 
     async def drain(self, deadline_s: float, force: asyncio.Event) -> None:
         """Stop taking new work and wait for in-flight contexts to finish.
@@ -273,13 +359,30 @@ class SidecarServer:
             f"connections, up to {deadline_s:g} s"
         )
         deadline = time.monotonic() + deadline_s
-        while self._app.contexts and time.monotonic() < deadline and not force.is_set():
+        while self._app.active_streams and time.monotonic() < deadline and not force.is_set():
             try:
                 await asyncio.wait_for(force.wait(), timeout=0.1)
             except TimeoutError:
                 pass
-        if self._app.contexts:
-            logger.warning(f"Drain ended with {len(self._app.contexts)} contexts still open")
+        if self._app.active_streams:
+            logger.warning(f"Drain ended with {self._app.active_streams} streams still open")
+
+
+class _Activity:
+    """When a connection last received a message."""
+
+    def __init__(self):
+        self.last = time.monotonic()
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+
+def _peer(request: web.Request) -> str:
+    peername = request.transport.get_extra_info("peername") if request.transport else None
+    if not peername:
+        return "?"
+    return f"{peername[0]}:{peername[1]}"
 
 
 async def run_until_stopped(

@@ -26,6 +26,7 @@ from chatterbox_sidecar.protocol import (
     ClientMessage,
     DeleteVoice,
     Flush,
+    KeepAlive,
     ListVoices,
     ProtocolError,
     RegisterVoice,
@@ -37,6 +38,7 @@ from chatterbox_sidecar.voices import Voice
 AUDIO_QUEUE_CHUNKS = 64  # encoded chunks a context may hold before its generation waits
 ENDED_IDS_REMEMBERED = 4096
 LONG_TEXT_CHARS = 1000  # text pieces longer than this are segmented in a worker thread
+UNDERRUN_TOLERANCE_S = 0.05  # audio this late after playback reached it counts as a gap
 
 Send = Callable[[str | bytes], Awaitable[None]]
 CloseConnection = Callable[[int, str], Awaitable[None]]
@@ -84,6 +86,8 @@ class Context:
         self.voice = voice
         self.opened_at = time.perf_counter()
         self.text_chars = 0
+        self.spoken_chars = 0  # normalised characters sent to the engine
+        self.last_text_at = time.monotonic()
         self.text_complete = False
         self.cancelled = False
         self.audio: asyncio.Queue[bytes | _End | _Failed] = asyncio.Queue(AUDIO_QUEUE_CHUNKS)
@@ -105,12 +109,20 @@ class Context:
 
         Args:
             text: The next piece, concatenated verbatim to what came before.
+
+        Raises:
+            ProtocolError: ``text_too_long`` if the speech would outlast the audio limit.
         """
         self.text_chars += len(text)
+        self.last_text_at = time.monotonic()
         self._queue_segments(await self._segment(lambda: self._segmenter.push(text), len(text)))
 
     async def close_text(self) -> None:
-        """Mark the text complete: the rest goes to the engine and generation can finish."""
+        """Mark the text complete: the rest goes to the engine and generation can finish.
+
+        Raises:
+            ProtocolError: ``text_too_long`` if the speech would outlast the audio limit.
+        """
         if self.text_complete:
             return
         self.text_complete = True
@@ -126,6 +138,8 @@ class Context:
         return segment()
 
     def _queue_segments(self, segments: list[str]) -> None:
+        self.spoken_chars += sum(len(segment) for segment in segments)
+        self._app.check_audio_estimate(self.spoken_chars, self.context_id)
         for segment in segments:
             self._segments.put_nowait(segment)
 
@@ -148,9 +162,18 @@ class Context:
 
     async def _generate(self) -> None:
         started = time.perf_counter()
-        stream = self._app.engine.synthesize(self._segment_iter(), self.params, self.voice)
+        app = self._app
+        max_samples = app.config.max_audio_seconds * app.engine.info.native_sample_rate
+        samples = 0
+        stream = app.engine.synthesize(self._segment_iter(), self.params, self.voice)
         try:
             async for chunk in stream:
+                samples += len(chunk)
+                if samples > max_samples:  # the estimate let it through; the audio did not
+                    await self.audio.put(
+                        _Failed("text_too_long", _AUDIO_LIMIT.format(app.config.max_audio_seconds))
+                    )
+                    return
                 data = self.encoder.encode(chunk)
                 if data:
                     await self.audio.put(data)
@@ -164,13 +187,53 @@ class Context:
             logger.warning(f"Context {self.context_id}: {e.code}: {e}")
             await self.audio.put(_Failed(e.code, str(e)))
         except Exception as e:
-            logger.exception(f"Context {self.context_id}: engine failed")
-            await self.audio.put(_Failed("engine_error", f"synthesis failed: {type(e).__name__}"))
+            code, message = app.record_failure(e, self.context_id)
+            await self.audio.put(_Failed(code, message))
         finally:
             self.generation_seconds = time.perf_counter() - started
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await asyncio.shield(aclose())
+
+
+class Playback:
+    """A listener's playback of one context, as the server sees it from what it sent when.
+
+    Playback starts when the first audio byte is sent and runs in real time; a chunk sent more
+    than ``UNDERRUN_TOLERANCE_S`` after playback reached its start is an underrun (the listener
+    heard a gap), and playback resumes from there.
+    """
+
+    def __init__(self, bytes_per_second: float):
+        """Initialize the tracker.
+
+        Args:
+            bytes_per_second: Encoded audio bytes per second of audio.
+        """
+        self._bytes_per_second = bytes_per_second
+        self._start: float | None = None
+        self._audio_s = 0.0
+        self.underruns = 0
+        self.underrun_seconds = 0.0
+        self.longest_gap = 0.0
+
+    def sent(self, size: int, now: float) -> None:
+        """Account for one chunk sent.
+
+        Args:
+            size: Its bytes.
+            now: When it was sent (monotonic seconds).
+        """
+        if self._start is None:
+            self._start = now
+        else:
+            late = now - (self._start + self._audio_s)
+            if late > UNDERRUN_TOLERANCE_S:
+                self.underruns += 1
+                self.underrun_seconds += late
+                self.longest_gap = max(self.longest_gap, late)
+                self._start += late
+        self._audio_s += size / self._bytes_per_second
 
 
 class Session:
@@ -195,6 +258,7 @@ class Session:
         self._current: Context | None = None
         self._tasks: set[asyncio.Task] = set()
         self._deliverer = asyncio.create_task(self._deliver(), name=f"tts-deliver-{peer}")
+        self._watchdog = asyncio.create_task(self._expire_idle_contexts(), name=f"tts-idle-{peer}")
 
     def __str__(self) -> str:
         return f"Session({self._peer})"
@@ -209,10 +273,28 @@ class Session:
 
         Args:
             message: The message.
+
+        Raises:
+            ConnectionAbortedError: The client did not take it within ``TTS_STALL_SECONDS``;
+                the connection is being closed.
         """
         if message["type"] == "error":
             self._app.metrics.errors.labels(message["code"]).inc()
-        await self._send(protocol.encode(message))
+        await self._send_frame(protocol.encode(message), "messages")
+
+    async def _send_frame(self, data: str | bytes, what: str) -> None:
+        """Send one frame; a client that does not take it in time is cut off."""
+        try:
+            await asyncio.wait_for(self._send(data), self._app.config.stall_seconds)
+        except TimeoutError:
+            self._app.metrics.stalls.inc()
+            self._app.metrics.errors.labels("stalled").inc()
+            logger.warning(
+                f"{self}: client stopped reading {what} for "
+                f"{self._app.config.stall_seconds:g} s; closing the connection"
+            )
+            self._spawn(self._close(1008, f"client stopped reading {what}"))
+            raise ConnectionAbortedError(f"client stopped reading {what}") from None
 
     async def handle_text(self, raw: str) -> None:
         """Handle one client text frame; every failure is answered with an ``error``.
@@ -239,13 +321,18 @@ class Session:
         elif isinstance(message, Flush):
             ctx = self._contexts.get(message.context_id)
             if ctx is not None:
-                await ctx.close_text()
+                try:
+                    await ctx.close_text()
+                except ProtocolError as e:
+                    await self._end_with_error(ctx, e)
         elif isinstance(message, Cancel):
             await self._cancel(message.context_id)
         elif isinstance(message, RegisterVoice | DeleteVoice):
             self._spawn(self._voice_operation(message))
         elif isinstance(message, ListVoices):
             await self.send_json({"type": "voices", "voices": self._app.list_voices()})
+        elif isinstance(message, KeepAlive):
+            pass  # its arrival is the point: the connection is in use
 
     async def _synthesize(self, msg: Synthesize) -> None:
         app = self._app
@@ -262,21 +349,12 @@ class Session:
                 raise ProtocolError(
                     "invalid_request", f"context '{context_id}' has already ended", context_id
                 )
-            if app.draining:
-                raise ProtocolError(
-                    "busy", "the server is shutting down; open a new connection", context_id
-                )
-            if len(app.contexts) >= app.max_active_contexts:
+            app.check_admission(context_id)
+            if len(self._contexts) >= app.contexts_per_connection:
                 raise ProtocolError(
                     "busy",
-                    f"the server is at capacity ({app.max_active_contexts} open contexts)",
-                    context_id,
-                )
-            if len(self._contexts) >= app.config.max_contexts_per_connection:
-                raise ProtocolError(
-                    "busy",
-                    f"too many open contexts on this connection "
-                    f"(limit {app.config.max_contexts_per_connection})",
+                    f"connection limit: {app.contexts_per_connection} open contexts on one "
+                    "connection; flush or cancel one first",
                     context_id,
                 )
             if len(msg.text) > app.config.max_text_chars:
@@ -290,6 +368,7 @@ class Session:
                 temperature=msg.temperature,
                 seed=msg.seed,
                 streaming=streaming,
+                context_id=context_id,
             )
             ctx = Context(context_id, msg, params, voice, app)
             self._contexts[context_id] = ctx
@@ -305,9 +384,12 @@ class Session:
             await self._end_with_error(ctx, _too_long(context_id, app.config.max_text_chars))
             return
         app.metrics.characters.inc(len(msg.text))
-        await ctx.add_text(msg.text)
-        if not msg.continue_:
-            await ctx.close_text()
+        try:
+            await ctx.add_text(msg.text)
+            if not msg.continue_:
+                await ctx.close_text()
+        except ProtocolError as e:
+            await self._end_with_error(ctx, e)
 
     async def _end_with_error(self, ctx: Context, error: ProtocolError) -> None:
         ctx.cancel()
@@ -356,6 +438,7 @@ class Session:
         started = False
         sent_bytes = 0
         ttfb_ms: float | None = None
+        playback = Playback(bytes_per_sample * ctx.request.sample_rate)
         while True:
             item = await ctx.audio.get()
             if isinstance(item, _Failed):
@@ -380,6 +463,7 @@ class Session:
             if ttfb_ms is None:
                 ttfb_ms = (time.perf_counter() - ctx.opened_at) * 1000
                 self._app.metrics.ttfa.observe(ttfb_ms / 1000)
+            playback.sent(len(item), time.monotonic())
             await self._send_audio(ctx, item)
             sent_bytes += len(item)
         audio_seconds = sent_bytes / bytes_per_sample / ctx.request.sample_rate
@@ -387,29 +471,48 @@ class Session:
         self._finish(ctx, "done")
         metrics = self._app.metrics
         metrics.audio_seconds.inc(audio_seconds)
+        metrics.underruns.inc(playback.underruns)
+        metrics.underrun_seconds.inc(playback.underrun_seconds)
         if audio_seconds > 0:
             metrics.rtf.observe(ctx.generation_seconds / audio_seconds)
+            if playback.underruns == 0:
+                metrics.gap_free.inc()
         await self.send_json(protocol.done(ctx.context_id, audio_seconds, ttfb_ms))
         logger.debug(
-            f"{self}: done {ctx.context_id} audio={audio_seconds:.2f}s ttfb={ttfb_ms or 0:.0f}ms"
+            f"{self}: done {ctx.context_id} audio={audio_seconds:.2f}s ttfb={ttfb_ms or 0:.0f}ms "
+            f"underruns={playback.underruns} underrun={playback.underrun_seconds:.3f}s "
+            f"longest_gap={playback.longest_gap:.3f}s"
         )
 
     async def _send_audio(self, ctx: Context, data: bytes) -> None:
         """Send one audio frame; a client that does not take it in time is cut off."""
         try:
-            await asyncio.wait_for(self._send(data), self._app.config.stall_seconds)
-        except TimeoutError:
-            self._app.metrics.stalls.inc()
-            logger.warning(
-                f"{self}: client stopped reading audio of {ctx.context_id} for "
-                f"{self._app.config.stall_seconds:g} s; closing the connection"
-            )
-            message = "client stopped reading audio; context cancelled"
+            await self._send_frame(data, "audio")
+        except ConnectionAbortedError:
             ctx.cancel()
             self._finish(ctx, "error")
-            self._app.metrics.errors.labels("stalled").inc()
-            self._spawn(self._close(1008, "client stopped reading audio"))
-            raise ConnectionAbortedError(message) from None
+            raise
+
+    async def _expire_idle_contexts(self) -> None:
+        """End open contexts that got no text and no flush for ``TTS_CONTEXT_IDLE_SECONDS``."""
+        limit = self._app.config.context_idle_seconds
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            now = time.monotonic()
+            for ctx in list(self._contexts.values()):
+                if ctx.text_complete or ctx.cancelled or now - ctx.last_text_at < limit:
+                    continue
+                logger.info(f"{self}: context {ctx.context_id} idle for {limit:g} s; ending it")
+                error = ProtocolError(
+                    "timeout",
+                    f"context '{ctx.context_id}' got no text and no flush for {limit:g} s "
+                    "(TTS_CONTEXT_IDLE_SECONDS); send flush when its text is complete",
+                    ctx.context_id,
+                )
+                try:
+                    await self._end_with_error(ctx, error)
+                except ConnectionAbortedError:
+                    return
 
     async def _voice_operation(self, msg: RegisterVoice | DeleteVoice) -> None:
         try:
@@ -436,6 +539,7 @@ class Session:
     async def close(self) -> None:
         """Cancel every context and task of the connection (client gone or server closing)."""
         self._deliverer.cancel()
+        self._watchdog.cancel()
         contexts = list(self._contexts.values())
         for ctx in contexts:
             ctx.cancel()
@@ -444,10 +548,14 @@ class Session:
             task.cancel()
         await asyncio.gather(
             self._deliverer,
+            self._watchdog,
             *self._tasks,
             *(c.wait_generation() for c in contexts),
             return_exceptions=True,
         )
+
+
+_AUDIO_LIMIT = "the context's audio reached the limit of {:g} s"
 
 
 def _too_long(context_id: str, limit: int) -> ProtocolError:

@@ -28,11 +28,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import soundfile as sf
 from loguru import logger
 
-VOICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+VOICE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # use fullmatch: "$" passes a final "\n"
 DEFAULT_VOICE_ID = "default"
+# Names no voice may take, in any case: the default voice and the device names that Windows
+# file systems reserve (a folder "con" cannot exist there).
+RESERVED_VOICE_IDS = frozenset(
+    {"default", "con", "prn", "aux", "nul"}
+    | {f"com{i}" for i in range(10)}
+    | {f"lpt{i}" for i in range(10)}
+)
+MIN_REFERENCE_RATE = 8_000
+MAX_REFERENCE_RATE = 96_000
 REFERENCE_FILE = "reference.wav"
 META_FILE = "meta.json"
 MIN_REFERENCE_SECONDS = 3.0
@@ -142,7 +152,7 @@ def validate_voice_id(voice_id: object) -> str:
     Raises:
         VoiceError: ``invalid_request`` if it is not a string matching ``VOICE_ID_PATTERN``.
     """
-    if not isinstance(voice_id, str) or not VOICE_ID_PATTERN.match(voice_id):
+    if not isinstance(voice_id, str) or not VOICE_ID_PATTERN.fullmatch(voice_id):
         raise VoiceError(
             "invalid_request",
             "voice_id must be 1-64 characters of letters, digits, '_' or '-'",
@@ -183,7 +193,7 @@ def validate_reference_wav(data: bytes) -> ReferenceAudio:
         info = sf.info(io.BytesIO(data))
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise VoiceError(
-            "invalid_audio", f"reference_audio is not a readable WAV file: {e}"
+            "invalid_audio", f"reference_audio is not a readable WAV file: {_sndfile_reason(e)}"
         ) from None
     if info.format != "WAV" and info.format != "WAVEX":
         raise VoiceError("invalid_audio", f"reference_audio must be WAV, got {info.format}")
@@ -193,6 +203,12 @@ def validate_reference_wav(data: bytes) -> ReferenceAudio:
         )
     if info.samplerate <= 0 or info.frames <= 0:
         raise VoiceError("invalid_audio", "reference_audio holds no samples")
+    if not MIN_REFERENCE_RATE <= info.samplerate <= MAX_REFERENCE_RATE:
+        raise VoiceError(
+            "invalid_audio",
+            f"reference_audio's sample rate must be {MIN_REFERENCE_RATE}-{MAX_REFERENCE_RATE} Hz, "
+            f"got {info.samplerate} Hz",
+        )
     duration = info.frames / info.samplerate
     if not MIN_REFERENCE_SECONDS <= duration <= MAX_REFERENCE_SECONDS:
         raise VoiceError(
@@ -201,22 +217,35 @@ def validate_reference_wav(data: bytes) -> ReferenceAudio:
             f"got {duration:.2f} s",
         )
     try:  # sf.info reads only the header: decode the samples too, so truncated files fail here
-        sf.read(io.BytesIO(data), dtype="float32")
+        samples, _ = sf.read(io.BytesIO(data), dtype="float32")
     except (sf.LibsndfileError, RuntimeError) as e:
-        raise VoiceError("invalid_audio", f"reference_audio cannot be decoded: {e}") from None
+        raise VoiceError(
+            "invalid_audio", f"reference_audio cannot be decoded: {_sndfile_reason(e)}"
+        ) from None
+    if not np.isfinite(samples).all():
+        raise VoiceError("invalid_audio", "reference_audio holds NaN or infinite samples")
     return ReferenceAudio(data, duration, info.samplerate, info.channels)
+
+
+def _sndfile_reason(error: Exception) -> str:
+    # libsndfile's message names the file object by its repr ("<_io.BytesIO object at 0x..>");
+    # the client gets the reason alone.
+    reason = getattr(error, "error_string", None) or str(error)
+    return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the data", reason)
 
 
 class VoiceStore:
     """Registered voices under one directory, safe against crashes and concurrent writers."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, max_voices: int | None = None):
         """Initialize the store and recover from any interrupted write.
 
         Args:
             root: The voices directory (created if missing).
+            max_voices: Most voices the store holds, or None for no limit.
         """
         self._root = root
+        self._max_voices = max_voices
         self._staging = root / ".staging"
         self._trash = root / ".trash"
         self._lock = asyncio.Lock()
@@ -239,7 +268,7 @@ class VoiceStore:
             kind, _, rest = entry.name.partition("-")
             voice_id = rest.rsplit("-", 1)[0]
             target = self._root / voice_id
-            if kind == "replaced" and VOICE_ID_PATTERN.match(voice_id) and not target.exists():
+            if kind == "replaced" and VOICE_ID_PATTERN.fullmatch(voice_id) and not target.exists():
                 logger.warning(f"Voice store: restoring {voice_id} from an interrupted replace")
                 os.rename(entry, target)
             else:
@@ -248,7 +277,7 @@ class VoiceStore:
 
     def _iter_dirs(self) -> Iterator[Path]:
         for entry in sorted(self._root.iterdir()):
-            if entry.is_dir() and VOICE_ID_PATTERN.match(entry.name):
+            if entry.is_dir() and VOICE_ID_PATTERN.fullmatch(entry.name):
                 yield entry
 
     def get(self, voice_id: str) -> Voice | None:
@@ -260,7 +289,7 @@ class VoiceStore:
         Returns:
             The voice, or None if it is not registered (or its metadata is unreadable).
         """
-        if not VOICE_ID_PATTERN.match(voice_id) or voice_id == DEFAULT_VOICE_ID:
+        if not VOICE_ID_PATTERN.fullmatch(voice_id) or voice_id == DEFAULT_VOICE_ID:
             return None
         path = self._root / voice_id
         try:
@@ -299,11 +328,29 @@ class VoiceStore:
             The committed voice.
 
         Raises:
-            VoiceError: ``invalid_request`` for the reserved id.
+            VoiceError: ``invalid_request`` for a reserved id or one that differs from a stored
+                voice's only in case; ``quota_exceeded`` when the store is full.
         """
-        if voice_id == DEFAULT_VOICE_ID:
-            raise VoiceError("invalid_request", f"voice_id '{DEFAULT_VOICE_ID}' is reserved")
+        if voice_id.lower() in RESERVED_VOICE_IDS:
+            raise VoiceError("invalid_request", f"voice_id '{voice_id}' is reserved")
         async with self._lock:
+            stored = [d.name for d in self._iter_dirs()]
+            folded = voice_id.lower()
+            twin = next((n for n in stored if n.lower() == folded and n != voice_id), None)
+            if twin is not None:
+                raise VoiceError(
+                    "invalid_request",
+                    f"voice '{twin}' exists; voice ids may not differ only in case",
+                )
+            if (
+                self._max_voices is not None
+                and voice_id not in stored
+                and len(stored) >= self._max_voices
+            ):
+                raise VoiceError(
+                    "quota_exceeded",
+                    f"the voice store is full ({self._max_voices} voices); delete one first",
+                )
             staged_dir = self._staging / f"{voice_id}-{uuid.uuid4().hex}"
             try:
                 staged = await asyncio.to_thread(self._write_staged, staged_dir, voice_id, audio)
@@ -358,7 +405,7 @@ class VoiceStore:
             VoiceError: ``voice_not_found`` if it is not registered, ``invalid_request`` for the
                 reserved id.
         """
-        if voice_id == DEFAULT_VOICE_ID:
+        if voice_id.lower() == DEFAULT_VOICE_ID:
             raise VoiceError("invalid_request", f"voice_id '{DEFAULT_VOICE_ID}' cannot be deleted")
         async with self._lock:
             if self.get(voice_id) is None:

@@ -27,6 +27,47 @@ class UnsupportedError(EngineError):
     code = "unsupported"
 
 
+class DeviceFault(EngineError):
+    """A fault that poisons the engine's device for the whole process (a CUDA error).
+
+    The process cannot recover from it: every later call on the device fails too. The server
+    ends the context, stops answering ``/health/live`` with 200, and lets the supervisor
+    (systemd, Kubernetes) restart it.
+    """
+
+
+# How the accelerator runtimes word an error that leaves the device context unusable.
+_DEVICE_FAULT_MARKERS = (
+    "CUDA error",
+    "device-side assert",
+    "CUBLAS_STATUS",
+    "CUDNN_STATUS",
+    "illegal memory access",
+    "unspecified launch failure",
+)
+
+
+def is_device_fault(error: BaseException) -> bool:
+    """Tell whether an exception from an engine means its GPU context is poisoned.
+
+    Args:
+        error: The exception.
+
+    Returns:
+        True for torch's ``AcceleratorError`` and CUDA runtime errors; False for everything
+        else, including CUDA out-of-memory (the allocator recovers from that).
+    """
+    if isinstance(error, DeviceFault):
+        return True
+    names = {cls.__name__ for cls in type(error).__mro__}
+    if "OutOfMemoryError" in names:
+        return False
+    if "AcceleratorError" in names:
+        return True
+    text = str(error)
+    return any(marker in text for marker in _DEVICE_FAULT_MARKERS)
+
+
 @dataclass(frozen=True)
 class EngineInfo:
     """What an engine can do, announced to clients in ``ready``.
@@ -37,6 +78,8 @@ class EngineInfo:
         can_clone: Whether registered voices can be spoken.
         max_concurrency: Contexts the engine generates at once; more wait for a slot.
         max_segment_chars: Longest text segment the engine wants in one piece.
+        capacity: Streams the engine keeps gap-free at once (from a calibration on its device),
+            or None when it does not know; ``TTS_MAX_STREAMS`` overrides it.
     """
 
     name: str
@@ -44,6 +87,7 @@ class EngineInfo:
     can_clone: bool
     max_concurrency: int
     max_segment_chars: int = 300
+    capacity: int | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +102,7 @@ class SynthesisParams:
         seed: Random seed for reproducible sampling, or None.
         streaming: True to stream segment by segment; False for the batch mode that generates
             all segments of the text together.
+        context_id: The context being spoken, for the engine's logs.
     """
 
     voice_id: str = "default"
@@ -66,6 +111,7 @@ class SynthesisParams:
     temperature: float = 0.8
     seed: int | None = None
     streaming: bool = True
+    context_id: str | None = None
 
 
 class Engine(ABC):
@@ -122,6 +168,10 @@ class Engine(ABC):
         Args:
             voice_id: The voice that was deleted.
         """
+
+    def counters(self) -> dict[str, int]:
+        """Returns: the engine's own event counts for ``/metrics`` (e.g. worker crashes)."""
+        return {}
 
     @abstractmethod
     async def close(self) -> None:
