@@ -321,17 +321,25 @@ class SidecarServer:
         except ConnectionAbortedError:
             pass  # the session cut off a client that stopped reading
         finally:
+            # Bookkeeping first, with no await: aiohttp cancels this handler when the client's
+            # socket closes, which can land on any await below.
             idle_watch.cancel()
             self._sockets.discard(ws)
             self._sessions.discard(session)
-            await session.close()
-            if not ws.closed:
-                await close(1000, "")
             app.metrics.connections_open.dec()
-            logger.info(
-                f"{session}: disconnected after {time.perf_counter() - t0:.1f} s "
-                f"(code {ws.close_code})"
-            )
+            await asyncio.shield(self._clean_up(session, ws, close, time.perf_counter() - t0))
+
+    @staticmethod
+    async def _clean_up(
+        session: Session,
+        ws: web.WebSocketResponse,
+        close: Callable[[int, str], Awaitable[None]],
+        seconds: float,
+    ) -> None:
+        await session.close()
+        if not ws.closed:
+            await close(1000, "")
+        logger.info(f"{session}: disconnected after {seconds:.1f} s (code {ws.close_code})")
 
     async def _close_when_idle(
         self, ws: web.WebSocketResponse, session: Session, activity: _Activity
