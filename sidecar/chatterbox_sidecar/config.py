@@ -99,7 +99,7 @@ class SidecarConfig:
     max_streams: int = 0
     context_idle_seconds: float = 60.0
     max_voices: int = 1000
-    max_audio_seconds: float = 1800.0
+    max_audio_seconds: float = 3600.0
     drain_seconds: float = 30.0
     stall_seconds: float = 10.0
     idle_seconds: float = 300.0
@@ -151,7 +151,7 @@ class SidecarConfig:
             ),
             context_idle_seconds=r.float("TTS_CONTEXT_IDLE_SECONDS", 60.0, 0.5, 86400.0),
             max_voices=r.int("TTS_MAX_VOICES", 1000, 1, 1_000_000),
-            max_audio_seconds=r.float("TTS_MAX_AUDIO_SECONDS", 1800.0, 1.0, 86400.0),
+            max_audio_seconds=r.float("TTS_MAX_AUDIO_SECONDS", 3600.0, 1.0, 86400.0),
             drain_seconds=r.float("TTS_DRAIN_SECONDS", 30.0, 0.0, 3600.0),
             stall_seconds=r.float("TTS_STALL_SECONDS", 10.0, 0.1, 3600.0),
             idle_seconds=r.float("TTS_IDLE_SECONDS", 300.0, 1.0, 86400.0),
