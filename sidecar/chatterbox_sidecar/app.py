@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -56,6 +56,9 @@ class App:
         self.contexts: set = set()  # every open context of every connection
         self.http_streams = 0  # HTTP syntheses in progress
         self.device_fault: str | None = None  # set once the engine's device failed for good
+        # called once on a device fault: each connection ends its open contexts
+        self.fault_listeners: set[Callable[[ProtocolError], Awaitable[None]]] = set()
+        self._tasks: set[asyncio.Task] = set()
         self.metrics.queued_chunks.set_function(
             lambda: sum(ctx.audio.qsize() for ctx in self.contexts)
         )
@@ -144,8 +147,13 @@ class App:
                     f"({type(error).__name__}: {error}); /health/live now answers 503 so the "
                     "supervisor restarts the sidecar"
                 )
-            self.device_fault = f"{type(error).__name__}: {error}"
-            self.metrics.device_fault.set(1)
+                self.device_fault = f"{type(error).__name__}: {error}"
+                self.metrics.device_fault.set(1)
+                fault = ProtocolError("engine_error", DEVICE_FAULT_MESSAGE)
+                for listener in list(self.fault_listeners):
+                    task = asyncio.ensure_future(listener(fault))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
             return "engine_error", DEVICE_FAULT_MESSAGE
         logger.opt(exception=error).error(f"Context {context_id}: engine failed")
         return "engine_error", f"synthesis failed ({type(error).__name__})"
@@ -198,7 +206,8 @@ class App:
 
         Returns:
             ``ready``, or why not: ``failed``, ``device_fault``, ``loading``, ``draining``,
-            ``degraded`` (the engine failed several contexts in a row) or ``at_capacity``.
+            ``degraded`` (the engine failed several contexts in a row, or has no worker up) or
+            ``at_capacity``.
         """
         if self.load_error:
             return "failed"
@@ -208,7 +217,7 @@ class App:
             return "loading"
         if self.draining:
             return "draining"
-        if self.engine_failures >= ENGINE_FAILURES_UNHEALTHY:
+        if self.engine_failures >= ENGINE_FAILURES_UNHEALTHY or not self.engine.healthy:
             return "degraded"
         if self.active_streams >= self.capacity:
             return "at_capacity"
@@ -369,11 +378,12 @@ class App:
             params = SynthesisParams(voice_id=voice_id, streaming=False, context_id="http")
             try:
                 chunks = [c async for c in self.engine.synthesize(segments(), params, voice)]
-            except EngineError as e:
-                self.record_engine_outcome(str(e))
-                raise
             except Exception as e:
-                code, message = self.record_failure(e, "http")
+                if isinstance(e, EngineError) and not is_device_fault(e):
+                    if not e.caused_by_input:
+                        self.record_engine_outcome(str(e))
+                    raise
+                _, message = self.record_failure(e, "http")
                 self.record_engine_outcome(message)
                 raise EngineError(message) from e
         self.record_engine_outcome(None)

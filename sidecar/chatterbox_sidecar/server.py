@@ -106,9 +106,10 @@ class SidecarServer:
             handler_cancellation=True,
             # also closes a connection that has not sent a whole request by then (slowloris)
             keepalive_timeout=HEADER_TIMEOUT_S,
+            shutdown_timeout=2.0,
         )
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, config.host, config.port, shutdown_timeout=2.0)
+        self._site = web.TCPSite(self._runner, config.host, config.port)
         await self._site.start()
         logger.info(f"Listening on ws://{config.host}:{self.port}{protocol.PATH}")
 

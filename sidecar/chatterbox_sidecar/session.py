@@ -20,7 +20,7 @@ from loguru import logger
 from chatterbox_sidecar import protocol
 from chatterbox_sidecar.app import App
 from chatterbox_sidecar.audio import BYTES_PER_SAMPLE, StreamEncoder
-from chatterbox_sidecar.engines.base import EngineError, SynthesisParams
+from chatterbox_sidecar.engines.base import EngineError, SynthesisParams, is_device_fault
 from chatterbox_sidecar.protocol import (
     Cancel,
     ClientMessage,
@@ -55,6 +55,7 @@ class _Failed:
 
     code: str
     message: str
+    engine_fault: bool = False  # counts towards the engine's health (not the text's fault)
 
 
 _END = _End()
@@ -183,12 +184,14 @@ class Context:
             await self.audio.put(_END)
         except asyncio.CancelledError:
             raise
-        except EngineError as e:
-            logger.warning(f"Context {self.context_id}: {e.code}: {e}")
-            await self.audio.put(_Failed(e.code, str(e)))
         except Exception as e:
-            code, message = app.record_failure(e, self.context_id)
-            await self.audio.put(_Failed(code, message))
+            if isinstance(e, EngineError) and not is_device_fault(e):
+                logger.warning(f"Context {self.context_id}: {e.code}: {e}")
+                fault = e.code == "engine_error" and not e.caused_by_input
+                await self.audio.put(_Failed(e.code, str(e), fault))
+            else:
+                code, message = app.record_failure(e, self.context_id)
+                await self.audio.put(_Failed(code, message, True))
         finally:
             self.generation_seconds = time.perf_counter() - started
             aclose = getattr(stream, "aclose", None)
@@ -259,6 +262,7 @@ class Session:
         self._tasks: set[asyncio.Task] = set()
         self._deliverer = asyncio.create_task(self._deliver(), name=f"tts-deliver-{peer}")
         self._watchdog = asyncio.create_task(self._expire_idle_contexts(), name=f"tts-idle-{peer}")
+        app.fault_listeners.add(self._end_all)
 
     def __str__(self) -> str:
         return f"Session({self._peer})"
@@ -446,7 +450,7 @@ class Session:
                     self._finish(ctx, "cancelled")
                     await self.send_json(protocol.cancelled(ctx.context_id))
                 else:
-                    if item.code == "engine_error":
+                    if item.engine_fault:
                         self._app.record_engine_outcome(item.message)
                     self._finish(ctx, "error")
                     await self.send_json(protocol.error(item.code, item.message, ctx.context_id))
@@ -536,8 +540,19 @@ class Session:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _end_all(self, error: ProtocolError) -> None:
+        """End every open context with ``error`` (the engine's device failed)."""
+        for ctx in list(self._contexts.values()):
+            try:
+                await self._end_with_error(
+                    ctx, ProtocolError(error.code, error.message, ctx.context_id)
+                )
+            except ConnectionAbortedError:
+                return
+
     async def close(self) -> None:
         """Cancel every context and task of the connection (client gone or server closing)."""
+        self._app.fault_listeners.discard(self._end_all)
         self._deliverer.cancel()
         self._watchdog.cancel()
         contexts = list(self._contexts.values())

@@ -19,6 +19,7 @@ class EngineError(Exception):
     """A failure inside an engine, reported to the client as ``engine_error``."""
 
     code = "engine_error"
+    caused_by_input = False  # True: the text made the engine fail; its health is not in doubt
 
 
 class UnsupportedError(EngineError):
@@ -51,21 +52,25 @@ def is_device_fault(error: BaseException) -> bool:
     """Tell whether an exception from an engine means its GPU context is poisoned.
 
     Args:
-        error: The exception.
+        error: The exception; the exceptions it was raised from are looked at too.
 
     Returns:
         True for torch's ``AcceleratorError`` and CUDA runtime errors; False for everything
         else, including CUDA out-of-memory (the allocator recovers from that).
     """
-    if isinstance(error, DeviceFault):
-        return True
-    names = {cls.__name__ for cls in type(error).__mro__}
-    if "OutOfMemoryError" in names:
-        return False
-    if "AcceleratorError" in names:
-        return True
-    text = str(error)
-    return any(marker in text for marker in _DEVICE_FAULT_MARKERS)
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        names = {cls.__name__ for cls in type(current).__mro__}
+        if "OutOfMemoryError" in names:
+            return False
+        if isinstance(current, DeviceFault) or "AcceleratorError" in names:
+            return True
+        if any(marker in str(current) for marker in _DEVICE_FAULT_MARKERS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 @dataclass(frozen=True)
@@ -172,6 +177,11 @@ class Engine(ABC):
     def counters(self) -> dict[str, int]:
         """Returns: the engine's own event counts for ``/metrics`` (e.g. worker crashes)."""
         return {}
+
+    @property
+    def healthy(self) -> bool:
+        """Returns: whether the engine can take work now (False while no worker is up)."""
+        return True
 
     @abstractmethod
     async def close(self) -> None:

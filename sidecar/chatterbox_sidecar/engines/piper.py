@@ -107,6 +107,11 @@ class PiperEngine(Engine):
         """Returns: worker crashes and restarts (see :meth:`Engine.counters`)."""
         return {"worker_crashes": self.workers.crashes, "worker_restarts": self.workers.restarts}
 
+    @property
+    def healthy(self) -> bool:
+        """Returns: whether a worker process is up to take segments."""
+        return self.workers.live_workers > 0
+
     async def prepare_voice(self, voice: Voice) -> None:
         """Nothing to prepare: piper stores cloned voices but cannot speak them."""
 

@@ -36,9 +36,13 @@ _CRASHED = object()  # the reader's marker: the worker's pipe closed
 class WorkerCrashed(EngineError):
     """The worker running a job died; only that job fails."""
 
+    caused_by_input = True
+
 
 class WorkerTimeout(EngineError):
     """A job outran its deadline; its worker was killed."""
+
+    caused_by_input = True
 
 
 @dataclass(eq=False)
@@ -100,6 +104,11 @@ class WorkerPool:
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def live_workers(self) -> int:
+        """Returns: workers loaded and not dead."""
+        return sum(1 for w in self._workers.values() if w.ready and not w.dead)
 
     @property
     def pids(self) -> list[int]:
