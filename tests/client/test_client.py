@@ -12,7 +12,6 @@ import textwrap
 
 import numpy as np
 import pytest
-
 from pipecat_chatterbox.client import (
     AudioChunk,
     AuthenticationError,
@@ -30,6 +29,7 @@ from pipecat_chatterbox.client import (
     decode_pcm,
     health_url,
 )
+
 from tests.client.helpers import LONG_TEXT, reference_wav
 from tests.conftest import ROOT
 
@@ -135,7 +135,7 @@ async def test_cancel_stops_a_context_and_the_connection_goes_on(sidecar):
 
 async def test_leaving_a_stream_early_cancels_its_context(sidecar):
     async with ChatterboxClient(sidecar.url) as client:
-        async for chunk in client.stream(LONG_TEXT, context_id="left-early"):
+        async for chunk in client.stream(LONG_TEXT, context_id="left-early"):  # noqa: B007
             break
         assert chunk.context_id == "left-early"
         await wait_for_log(sidecar, "recv cancel context_id=left-early")
@@ -271,7 +271,7 @@ def test_sync_client(sidecar, tmp_path):
         assert client.info.engine == "piper"
         result = client.synthesize("Without an event loop.", encoding="pcm_s16le")
         assert result.audio_seconds > 0.5 and rms(result.samples()) > 0.01
-        for chunk in client.stream(LONG_TEXT, context_id="sync-break"):
+        for chunk in client.stream(LONG_TEXT, context_id="sync-break"):  # noqa: B007
             break
         assert chunk.context_id == "sync-break"
         assert client.register_voice("client_sync", wav)["voice_id"] == "client_sync"
@@ -320,8 +320,9 @@ NO_PIPECAT = textwrap.dedent(
 
 def test_client_voice_helpers_and_cli_need_no_pipecat(sidecar):
     env = {k: v for k, v in os.environ.items() if k not in ("TTS_URL", "TTS_API_KEY")}
+    package = ROOT / "plugin" / "pipecat_chatterbox"
     proc = subprocess.run(
-        [sys.executable, "-c", NO_PIPECAT, str(ROOT / "plugin" / "pipecat_chatterbox"), sidecar.url],
+        [sys.executable, "-c", NO_PIPECAT, str(package), sidecar.url],
         capture_output=True,
         text=True,
         env=env,
