@@ -1,29 +1,42 @@
 """Voice management over the sidecar websocket: register, delete and list voices.
 
 These functions open a short-lived connection of their own, for scripts and for setting a
-bot up before its pipeline runs::
+bot up before its pipeline runs. They need only ``websockets`` (no Pipecat)::
 
-    from pipecat_chatterbox import register_voice
+    from pipecat_chatterbox.voices import register_voice
 
     await register_voice("ws://localhost:8002/v1/stream/tts", "alice", "alice.wav")
 
-A running :class:`~pipecat_chatterbox.tts.ChatterboxTTSService` does the same through its own
-socket with ``await tts.register_voice("alice", "alice.wav")``.
+They are thin wrappers of :class:`~pipecat_chatterbox.client.ChatterboxClient`, which does the
+same on a connection that stays open. A running
+:class:`~pipecat_chatterbox.tts.ChatterboxTTSService` does it through its own socket with
+``await tts.register_voice("alice", "alice.wav")``.
 """
+
+from __future__ import annotations
 
 import asyncio
 import base64
-import json
 from pathlib import Path
 from typing import Any
 
-from loguru import logger
-from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from pipecat_chatterbox.client import (
+    DEFAULT_URL,
+    ChatterboxClient,
+    ChatterboxError,
+    error_from_message,
+)
 
-from pipecat_chatterbox.errors import UNAUTHORIZED, SidecarError, auth_headers
-
-DEFAULT_URL = "ws://localhost:8002/v1/stream/tts"
+__all__ = [
+    "DEFAULT_URL",
+    "REPLY_TYPES",
+    "build_register_voice_message",
+    "delete_voice",
+    "list_voices",
+    "register_voice",
+    "reply_error",
+    "send_voice_request",
+]
 
 # Replies that answer each voice request.
 REPLY_TYPES = {
@@ -32,8 +45,23 @@ REPLY_TYPES = {
     "list_voices": "voices",
 }
 
-# A 30 s stereo 48 kHz reference WAV is ~11 MiB in base64; the sidecar announces 16 MiB.
-_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+def _public_error(error: ChatterboxError) -> Exception:
+    """The error these helpers raise for a client error.
+
+    Transitional: the Pipecat service's :class:`~pipecat_chatterbox.errors.SidecarError`
+    (which adds a Pipecat error category) is still a class of its own, and callers of these
+    helpers catch it. Where Pipecat is installed the client's error is therefore re-raised as a
+    ``SidecarError`` with the same code; without Pipecat it is raised as it is. Once
+    ``SidecarError`` is the client's ``ChatterboxError``, this function goes.
+    """
+    try:
+        from pipecat_chatterbox.errors import SidecarError
+    except ImportError:  # no pipecat: the client's typed error is the only kind
+        return error
+    if isinstance(error, SidecarError):
+        return error
+    return SidecarError(error.code, error.message, error.context_id)
 
 
 async def build_register_voice_message(voice_id: str, wav_path: str | Path) -> dict[str, Any]:
@@ -54,20 +82,16 @@ async def build_register_voice_message(voice_id: str, wav_path: str | Path) -> d
     }
 
 
-def reply_error(message: dict[str, Any]) -> SidecarError:
+def reply_error(message: dict[str, Any]) -> Exception:
     """Turn an ``error`` message into the exception a voice request raises.
 
     Args:
         message: The sidecar's ``error`` message.
 
     Returns:
-        The matching :class:`SidecarError`.
+        The typed error for its code (a ``SidecarError`` where Pipecat is installed).
     """
-    return SidecarError(
-        str(message.get("code", "unknown")),
-        str(message.get("message", "")),
-        message.get("context_id"),
-    )
+    return _public_error(error_from_message(message))
 
 
 async def send_voice_request(
@@ -85,40 +109,22 @@ async def send_voice_request(
         The reply message.
 
     Raises:
-        SidecarError: The sidecar refused the key (code ``unauthorized``) or answered with
-            an ``error``.
+        ChatterboxError: The sidecar refused the key (code ``unauthorized``), answered with an
+            ``error``, or cannot be reached (``connection_failed``); a ``SidecarError`` with
+            the same code where Pipecat is installed.
         TimeoutError: No reply within ``timeout``.
-        OSError: The sidecar cannot be reached.
     """
-    expected = REPLY_TYPES[message["type"]]
+    client = ChatterboxClient(url, api_key, open_timeout=timeout, request_timeout=timeout)
     try:
         async with asyncio.timeout(timeout):
-            async with connect(
-                url,
-                additional_headers=auth_headers(api_key),
-                max_size=_MAX_MESSAGE_BYTES,
-                compression=None,
-            ) as ws:
-                await ws.send(json.dumps(message))
-                async for raw in ws:
-                    if isinstance(raw, bytes):
-                        continue
-                    reply = json.loads(raw)
-                    if reply.get("type") == expected:
-                        return reply
-                    if reply.get("type") == "error":
-                        raise reply_error(reply)
-                    logger.trace(f"voice request: skipping {reply.get('type')} message")
-    except InvalidStatus as e:
-        status = e.response.status_code
-        if status in (401, 403):
-            raise SidecarError(
-                UNAUTHORIZED,
-                f"the sidecar at {url} refused the API key (HTTP {status}); "
-                "pass the sidecar's TTS_API_KEY as api_key",
-            ) from e
-        raise
-    raise ConnectionError(f"the sidecar at {url} closed the connection before replying")
+            return await client.voice_request(message)
+    except ChatterboxError as e:
+        public = _public_error(e)
+        if public is e:
+            raise
+        raise public from e
+    finally:
+        await client.close()
 
 
 async def register_voice(
@@ -147,7 +153,7 @@ async def register_voice(
         The sidecar's ``voice_registered`` reply.
 
     Raises:
-        SidecarError: The sidecar rejected the voice (``invalid_audio``,
+        ChatterboxError: The sidecar rejected the voice (``invalid_audio``,
             ``invalid_request``, ...) or the API key (``unauthorized``).
     """
     message = await build_register_voice_message(voice_id, wav_path)
@@ -169,7 +175,7 @@ async def delete_voice(
         The sidecar's ``voice_deleted`` reply.
 
     Raises:
-        SidecarError: For example ``voice_not_found``.
+        ChatterboxError: For example ``voice_not_found``.
     """
     message = {"type": "delete_voice", "voice_id": voice_id}
     return await send_voice_request(url, message, api_key, timeout)
