@@ -95,12 +95,14 @@ class PiperEngine(Engine):
         first = True
         label = params.context_id or "?"
         async for segment in segments:
+            segment_started = False
             async for audio in self.workers.run(segment, label):
                 if len(audio) == 0:
                     continue
-                if not first:
-                    yield pause
+                if not segment_started and not first:
+                    yield pause  # between segments, as between sentences; none inside one
                 first = False
+                segment_started = True
                 yield audio
 
     def counters(self) -> dict[str, int]:
