@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "sidecar"), str(ROOT)]
+sys.path[:0] = [str(ROOT / "sidecar"), str(ROOT), str(ROOT / "benchmarks")]
 
 from chatterbox_sidecar.engines.base import SynthesisParams  # noqa: E402
 from chatterbox_sidecar.engines.chatterbox import (  # noqa: E402
@@ -61,14 +61,14 @@ from chatterbox_sidecar.engines.chatterbox.conditionals import (  # noqa: E402
     VoiceConditionals,
     cap_reference,
 )
-from chatterbox_sidecar.engines.chatterbox.s3gen_loader import load_s3gen  # noqa: E402
-from chatterbox_sidecar.engines.chatterbox.s3gen_stream import (  # noqa: E402
+from chatterbox_sidecar.engines.chatterbox.s3gen.loader import load_s3gen  # noqa: E402
+from chatterbox_sidecar.engines.chatterbox.s3gen.stream import (  # noqa: E402
     SAMPLE_RATE,
     Reference,
     S3GenStreamDecoder,
     StreamConfig,
 )
-from chatterbox_sidecar.engines.chatterbox.t3_backend import T3Request  # noqa: E402
+from chatterbox_sidecar.engines.chatterbox.t3.backend import T3Request  # noqa: E402
 
 TEXT = (
     "Thanks for calling, I can help you with that right away. Your order shipped this "
@@ -358,7 +358,7 @@ async def t3_section(model_dir: Path, levels: list[int], kv_bucket: int) -> dict
     ``kv_bucket`` is the decode graphs' cache-length step; 1536 (the whole cache) is how the
     graphs attended before they were bucketed.
     """
-    from chatterbox_sidecar.engines.chatterbox.t3_torch import TorchT3Backend
+    from chatterbox_sidecar.engines.chatterbox.t3.torch_backend import TorchT3Backend
 
     conds = VoiceConditionals.load(model_dir / "conds.pt")
     t3 = TorchT3Backend(model_dir, device=DEVICE, max_batch_size=max(levels), kv_bucket=kv_bucket)
@@ -400,7 +400,7 @@ async def t3_section(model_dir: Path, levels: list[int], kv_bucket: int) -> dict
 async def baseline_section(model_dir: Path, replies: int = 3) -> dict:
     """The naive pipeline: same T3, upstream ``S3Gen.inference`` on 50 + 25 tokens per chunk."""
     from chatterbox_sidecar.engines.chatterbox.model_files import speech_token_budget
-    from chatterbox_sidecar.engines.chatterbox.t3_torch import TorchT3Backend
+    from chatterbox_sidecar.engines.chatterbox.t3.torch_backend import TorchT3Backend
 
     s3gen = load_s3gen(model_dir / "s3gen.safetensors", DEVICE)  # eager, fp32, weight norm on
     conds = VoiceConditionals.load(model_dir / "conds.pt")
@@ -464,19 +464,33 @@ async def baseline_section(model_dir: Path, replies: int = 3) -> dict:
 
 
 def server_section(
-    model_dir: Path, levels: str, rounds: int, timeout: float, compile_flow: bool
+    model_dir: Path,
+    levels: str,
+    rounds: int,
+    timeout: float,
+    compile_flow: bool,
+    seconds: float = 0.0,
+    sidecar_root: Path = ROOT / "sidecar",
+    extra_env: dict | None = None,
+    name: str = "bench_tts",
 ) -> dict:
-    """The sidecar over its websocket, measured by ``scripts/bench_tts.py``."""
+    """The sidecar over its websocket, measured by ``scripts/bench_tts.py``.
+
+    ``sidecar_root`` picks the sidecar code (another checkout's ``sidecar/`` runs a baseline
+    with this checkout's client); ``extra_env`` adds settings. GPU utilization is sampled by
+    ``nvidia-smi`` and reported per level.
+    """
     import subprocess
 
     from chatterbox_sidecar.process import SidecarProcess
+    from gpu_sampler import GpuSampler
 
     out_dir = Path(os.environ.get("OUT", "/tmp"))
-    workdir = out_dir / "sidecar"
+    workdir = out_dir / f"sidecar_{name}"
     workdir.mkdir(parents=True, exist_ok=True)
     env = {
         "PYTHONPATH": os.pathsep.join(
-            [str(ROOT / "sidecar"), str(ROOT / "plugin"), os.environ.get("PYTHONPATH", "")]
+            [str(sidecar_root), str(ROOT / "plugin"), os.environ.get("PYTHONPATH", "")]
         ),
         "TTS_ENGINE": "chatterbox",
         "TTS_T3_BACKEND": "torch",
@@ -487,12 +501,15 @@ def server_section(
         "TTS_ENGINE_CONCURRENCY": str(max(int(x) for x in levels.split(","))),
         "TTS_MAX_CONNECTIONS": "1000",
         "TTS_LOG_LEVEL": "INFO",
+        **(extra_env or {}),
     }
     started = time.perf_counter()
     sidecar = SidecarProcess(workdir, env).start(timeout)
-    out: dict = {"start_s": round(time.perf_counter() - started, 1)}
+    out: dict = {"start_s": round(time.perf_counter() - started, 1), "env": extra_env or {}}
+    out["sidecar_root"] = str(sidecar_root)
+    sampler = GpuSampler(500).start()
     try:
-        raw = out_dir / "bench_tts.json"
+        raw = Path("/tmp") / f"{name}.json"
         command = [
             sys.executable,
             str(ROOT / "scripts" / "bench_tts.py"),
@@ -500,17 +517,21 @@ def server_section(
             sidecar.url,
             "--streams",
             levels,
-            "--rounds",
-            str(rounds),
+            "--encoding",
+            "pcm_f32le",
             "--json",
             str(raw),
         ]
+        command += ["--seconds", str(seconds)] if seconds else ["--rounds", str(rounds)]
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         print(done.stdout[-3000:], done.stderr[-2000:], flush=True)
         out["command"] = " ".join(command[1:])
         if raw.exists():
             out["levels"] = json.loads(raw.read_text())["levels"]
+            for lv in out["levels"]:
+                lv.update(sampler.window(lv["started_at_epoch"], lv["ended_at_epoch"]))
     finally:
+        sampler.stop()
         sidecar.stop()
     return out
 
@@ -551,6 +572,15 @@ def main() -> None:
     parser.add_argument("--server-levels", default="1,16,64", help="server: stream counts")
     parser.add_argument("--server-rounds", type=int, default=2, help="server: replies a stream")
     parser.add_argument("--server-timeout", type=float, default=300, help="server: seconds")
+    parser.add_argument(
+        "--server-seconds", type=float, default=0.0, help="server: seconds a level (0: rounds)"
+    )
+    parser.add_argument(
+        "--server-runs",
+        default="",
+        help="server: several sidecars in turn, NAME=SIDECAR_ROOT[+ENV=V...];... "
+        "(empty: this checkout's sidecar, defaults)",
+    )
     parser.add_argument(
         "--t3-kv-buckets", default="1536,256", help="t3 section: decode graphs' cache steps"
     )
@@ -618,14 +648,23 @@ def main() -> None:
             gc.collect()
             save()
     if "server" in sections:
-        result["server"] = server_section(
-            model_dir,
-            args.server_levels,
-            args.server_rounds,
-            args.server_timeout,
-            args.engine_compile_flow,
-        )
-        save()
+        runs = [r for r in args.server_runs.split(";") if r] or ["server=" + str(ROOT / "sidecar")]
+        for spec in runs:
+            name, _, rest = spec.partition("=")
+            root, *settings = rest.split("+")
+            extra = dict(kv.split("=", 1) for kv in settings)
+            result[name] = server_section(
+                model_dir,
+                args.server_levels,
+                args.server_rounds,
+                args.server_timeout,
+                args.engine_compile_flow,
+                args.server_seconds,
+                Path(root) if root else ROOT / "sidecar",
+                extra,
+                name,
+            )
+            save()
     if "baseline" in sections:
         result["baseline"] = asyncio.run(baseline_section(model_dir))
         save()

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from chatterbox_sidecar.engines.chatterbox.engine import _ChunkBatcher
-from chatterbox_sidecar.engines.chatterbox.s3gen_stream import S3GenStreamDecoder
+from chatterbox_sidecar.engines.chatterbox.s3gen.stream import S3GenStreamDecoder
 
 from .test_s3gen_batch import CONFIG, references, token_lists
 

@@ -20,9 +20,9 @@ from chatterbox_sidecar.engines.base import EngineError, SynthesisParams
 from chatterbox_sidecar.engines.chatterbox import ChatterboxEngine, ChatterboxEngineConfig
 from chatterbox_sidecar.engines.chatterbox import engine as engine_module
 from chatterbox_sidecar.engines.chatterbox.model_files import speech_token_budget
-from chatterbox_sidecar.engines.chatterbox.s3gen_stream import SAMPLES_PER_TOKEN
-from chatterbox_sidecar.engines.chatterbox.t3_backend import T3Backend, T3Request
-from chatterbox_sidecar.engines.chatterbox.t3_torch import TorchT3Backend
+from chatterbox_sidecar.engines.chatterbox.s3gen.stream import SAMPLES_PER_TOKEN
+from chatterbox_sidecar.engines.chatterbox.t3.backend import T3Backend, T3Request
+from chatterbox_sidecar.engines.chatterbox.t3.torch_backend import TorchT3Backend
 from chatterbox_sidecar.voices import VoiceStore, validate_reference_wav
 
 from .t3_checkpoint import write_scripted_model_dir

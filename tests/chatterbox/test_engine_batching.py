@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from chatterbox_sidecar.engines.base import SynthesisParams
 from chatterbox_sidecar.engines.chatterbox import ChatterboxEngine
-from chatterbox_sidecar.engines.chatterbox.t3_torch import TorchT3Backend
+from chatterbox_sidecar.engines.chatterbox.t3.torch_backend import TorchT3Backend
 
 from .test_engine import collect, engine_config, scripted_model_dir, segments  # noqa: F401
 

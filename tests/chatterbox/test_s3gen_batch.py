@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 from chatterbox_sidecar.engines.chatterbox.conditionals import VoiceConditionals, cap_reference
-from chatterbox_sidecar.engines.chatterbox.s3gen_graphs import bf16_estimator, fold_weight_norm
-from chatterbox_sidecar.engines.chatterbox.s3gen_stream import (
+from chatterbox_sidecar.engines.chatterbox.s3gen.graphs import bf16_estimator, fold_weight_norm
+from chatterbox_sidecar.engines.chatterbox.s3gen.stream import (
     Reference,
     S3GenStreamDecoder,
     StreamConfig,
@@ -145,7 +145,7 @@ def test_bf16_estimator_stays_close_to_fp32(s3gen_model):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graphs_match_eager(s3gen_model_dir):
-    from chatterbox_sidecar.engines.chatterbox.s3gen_loader import load_s3gen
+    from chatterbox_sidecar.engines.chatterbox.s3gen.loader import load_s3gen
 
     model = load_s3gen(s3gen_model_dir / "s3gen.safetensors", "cuda")
     refs, toks = references(s3gen_model_dir, "cuda"), token_lists()
@@ -164,7 +164,7 @@ def test_cuda_graphs_match_eager(s3gen_model_dir):
 
 
 def test_sync_free_istft_matches_torch_istft(s3gen_model):
-    from chatterbox_sidecar.engines.chatterbox.s3gen_graphs import istft_without_sync
+    from chatterbox_sidecar.engines.chatterbox.s3gen.graphs import istft_without_sync
 
     hift = s3gen_model.mel2wav
     n_fft, hop = hift.istft_params["n_fft"], hift.istft_params["hop_len"]
@@ -178,7 +178,7 @@ def test_sync_free_istft_matches_torch_istft(s3gen_model):
 
 
 def test_sync_free_chunk_mask_matches_upstream():
-    from chatterbox_sidecar.engines.chatterbox.s3gen_graphs import patch_sync_free_masks
+    from chatterbox_sidecar.engines.chatterbox.s3gen.graphs import patch_sync_free_masks
     from chatterbox_vllm.models.s3gen import decoder
     from chatterbox_vllm.models.s3gen.utils.mask import add_optional_chunk_mask as upstream
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from chatterbox_sidecar.engines.chatterbox.conditionals import VoiceConditionals
-from chatterbox_sidecar.engines.chatterbox.s3gen_stream import (
+from chatterbox_sidecar.engines.chatterbox.s3gen.stream import (
     MEL_CACHE_FRAMES,
     SAMPLES_PER_TOKEN,
     SOURCE_CACHE_SAMPLES,

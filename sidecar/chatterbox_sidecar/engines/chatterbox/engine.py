@@ -2,7 +2,7 @@
 
 For each text piece of a context the engine sends one request to the T3 backend (``vllm`` or
 ``torch``) with a speech-token budget that follows the piece's length, feeds the tokens as they
-arrive into a :class:`~.s3gen_stream.StreamState` and yields 24 kHz audio chunk by chunk
+arrive into a :class:`~.s3gen.stream.StreamState` and yields 24 kHz audio chunk by chunk
 (``streaming=True``). In batch mode (``streaming=False``) every piece of the text is generated
 at once and each is decoded whole, in order.
 
@@ -36,14 +36,14 @@ from chatterbox_sidecar.engines.chatterbox.conditionals import (
     cap_reference,
     compute_conditionals_from_file,
 )
-from chatterbox_sidecar.engines.chatterbox.s3gen_stream import (
+from chatterbox_sidecar.engines.chatterbox.s3gen.stream import (
     SAMPLE_RATE,
     Reference,
     S3GenStreamDecoder,
     StreamConfig,
     StreamState,
 )
-from chatterbox_sidecar.engines.chatterbox.t3_backend import T3Backend, T3Request
+from chatterbox_sidecar.engines.chatterbox.t3.backend import T3Backend, T3Request
 from chatterbox_sidecar.text import split_text
 from chatterbox_sidecar.voices import Voice
 
@@ -363,7 +363,7 @@ class ChatterboxEngine(Engine):
     def _load_s3gen(self) -> None:
         import torch
 
-        from chatterbox_sidecar.engines.chatterbox.s3gen_loader import (
+        from chatterbox_sidecar.engines.chatterbox.s3gen.loader import (
             S3GEN_FILE,
             VE_FILE,
             load_s3gen,
@@ -422,7 +422,7 @@ class ChatterboxEngine(Engine):
             kind = "torch"
         if kind == "vllm":
             from chatterbox_sidecar.engines.chatterbox.model_files import max_model_len
-            from chatterbox_sidecar.engines.chatterbox.t3_vllm import VllmT3Backend
+            from chatterbox_sidecar.engines.chatterbox.t3.vllm_backend import VllmT3Backend
 
             t3_model_dir = cfg.t3_model_dir or (
                 Path.home() / ".cache" / "pipecat-chatterbox" / "t3-model"
@@ -438,7 +438,7 @@ class ChatterboxEngine(Engine):
                 cfg_scale=cfg.cfg_scale,
             )
         if kind == "torch":
-            from chatterbox_sidecar.engines.chatterbox.t3_torch import TorchT3Backend
+            from chatterbox_sidecar.engines.chatterbox.t3.torch_backend import TorchT3Backend
 
             return TorchT3Backend(
                 model_dir,

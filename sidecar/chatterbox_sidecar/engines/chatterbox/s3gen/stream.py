@@ -22,7 +22,7 @@ Design: per-utterance state lives in :class:`StreamState`; :class:`S3GenStreamDe
 the model and decodes chunks. ``decode_chunks`` decodes several streams' chunks together: one
 flow call per Euler step for all of them (rows = streams), the encoder per group of equal token
 count, the vocoder per group of equal mel length. On CUDA those calls replay CUDA graphs and the
-flow estimator runs in bfloat16 (see ``s3gen_graphs``).
+flow estimator runs in bfloat16 (see ``graphs``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from chatterbox_sidecar.engines.chatterbox.s3gen_graphs import (
+from chatterbox_sidecar.engines.chatterbox.s3gen.graphs import (
     GraphCache,
     bf16_estimator,
     bucket,

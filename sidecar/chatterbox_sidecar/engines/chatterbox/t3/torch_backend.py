@@ -8,7 +8,7 @@ Two layers:
   :meth:`~T3BatchDecoder.remove`. Each request holds one KV-cache slot for its conditional row
   and, when guidance is on, one for its unconditional row, so both branches keep their context.
 - :class:`TorchT3Backend`: runs the decoder in a background thread; requests and cancellations
-  arrive through a locked inbox, tokens leave through :class:`~.t3_stream.TokenStream`.
+  arrive through a locked inbox, tokens leave through :class:`~.stream.TokenStream`.
 """
 
 from __future__ import annotations
@@ -26,17 +26,17 @@ import torch
 from loguru import logger
 from torch import Tensor
 
-from chatterbox_sidecar.engines.chatterbox import t3_sampling
-from chatterbox_sidecar.engines.chatterbox.t3_backend import T3Backend, T3Request
-from chatterbox_sidecar.engines.chatterbox.t3_model import (
+from chatterbox_sidecar.engines.chatterbox.t3 import sampling as t3_sampling
+from chatterbox_sidecar.engines.chatterbox.t3.backend import T3Backend, T3Request
+from chatterbox_sidecar.engines.chatterbox.t3.model import (
     SPEECH_VOCAB_VALID,
     START_SPEECH_TOKEN,
     STOP_SPEECH_TOKEN,
     T3KVCache,
     T3Model,
 )
-from chatterbox_sidecar.engines.chatterbox.t3_stream import TokenStream
-from chatterbox_sidecar.engines.chatterbox.t3_text import T3Tokenizer
+from chatterbox_sidecar.engines.chatterbox.t3.stream import TokenStream
+from chatterbox_sidecar.engines.chatterbox.t3.text import T3Tokenizer
 
 _DTYPES = {
     "float32": torch.float32,
@@ -188,7 +188,7 @@ class T3BatchDecoder:
         """Prefill several requests in one backbone pass and sample their first tokens.
 
         Prompts of different lengths share the pass right-padded (see
-        :meth:`~.t3_model.T3Model.prefill`); each request samples exactly as if added alone.
+        :meth:`~.model.T3Model.prefill`); each request samples exactly as if added alone.
 
         Args:
             requests: The new requests.
