@@ -59,11 +59,12 @@ class Timings:
         calls = self.calls.setdefault(key, [])
 
         def wrapped(*args, **kwargs):
+            n, more = size(*args), extra(*args)
             started = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
-                calls.append((started, time.perf_counter(), size(*args), extra(*args)))
+                calls.append((started, time.perf_counter(), n, more))
 
         setattr(obj, name, wrapped)
 
