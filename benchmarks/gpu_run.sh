@@ -30,10 +30,16 @@ case "$step" in
     run 100 tests python3 -m pytest -q -p no:cacheprovider -x tests/chatterbox/test_t3_cuda.py
     run 230 server python3 benchmarks/gpu_bench.py --out "$OUT/server.json" --sections server \
       --server-levels 1,16,64 --server-seconds 30 --server-timeout 200 "$@"
-    run 75 profile16 python3 benchmarks/load_profile.py --streams 16 --seconds 25 \
+    run 150 profile16 python3 benchmarks/load_profile.py --streams 16 --seconds 25 \
       --profile-seconds 3 --out "$OUT/profile16.json"
-    run 75 profile64 python3 benchmarks/load_profile.py --streams 64 --seconds 25 \
+    run 150 profile64 python3 benchmarks/load_profile.py --streams 64 --seconds 25 \
       --profile-seconds 2 --out "$OUT/profile64.json"
+    ;;
+  profile-only)
+    run 150 profile16 python3 benchmarks/load_profile.py --streams 16 --seconds 15 \
+      --profile-seconds 2 --out "$OUT/profile16.json" "$@"
+    run 150 profile64 python3 benchmarks/load_profile.py --streams 64 --seconds 15 \
+      --profile-seconds 2 --out "$OUT/profile64.json" "$@"
     ;;
   table)
     run 540 table python3 benchmarks/gpu_bench.py --out "$OUT/table.json" "$@"

@@ -172,6 +172,10 @@ async def run(args) -> dict:
         max_concurrency=max(64, args.streams),
         **json.loads(args.engine_config),
     )
+    if args.device != "cpu":
+        from gpu_bench import write_model
+
+        write_model(Path(args.model_dir), 30, 10.0)
     engine = ChatterboxEngine(config)
     started = time.perf_counter()
     await engine.start()
@@ -239,8 +243,8 @@ async def run(args) -> dict:
         prof.start()
         p0 = time.perf_counter()
         await asyncio.sleep(args.profile_seconds)
-        if cuda:
-            torch.cuda.synchronize()
+        # No torch.cuda.synchronize(): the S3Gen thread may be recording a CUDA graph, and a
+        # device-wide sync during a capture is an error; stop() collects what has finished.
         prof.stop()
         prof_window = (p0, time.perf_counter())
     await load
