@@ -263,7 +263,7 @@ async def engine_level(engine: ChatterboxEngine, n: int, replies: int) -> dict:
             results.append(await one_reply(engine, seed=1000 * k + r))
 
     reset_peak()
-    batcher = engine._batcher
+    batcher = engine._scheduler
     b0, c0 = batcher.batches, batcher.chunks
     started = time.perf_counter()
     await asyncio.gather(*(worker(k) for k in range(n)))
@@ -281,7 +281,6 @@ async def engine_level(engine: ChatterboxEngine, n: int, replies: int) -> dict:
         "aggregate_audio_s_per_s": round(sum(r["audio_s"] for r in results) / wall, 2),
         "peak_gpu_gib": peak_gib(),
         "s3gen_mean_batch": round((batcher.chunks - c0) / max(1, batcher.batches - b0), 2),
-        "s3gen_held_batches": batcher.held,
         "raw": results,
     }
 
@@ -293,11 +292,9 @@ async def engine_section(
     first_chunk_size: int = ChatterboxEngineConfig.first_chunk_size,
     deadline: float = float("inf"),
     compile_flow: bool = False,
-    hold_seconds: float = 0.0,
 ) -> dict:
     config = ChatterboxEngineConfig(
         compile_flow=compile_flow,
-        s3gen_hold_seconds=hold_seconds,
         model_dir=model_dir,
         device=DEVICE,
         t3_backend="torch",
@@ -316,7 +313,8 @@ async def engine_section(
         "reference_seconds": reference_seconds,
         "first_chunk_size": first_chunk_size,
         "compile_flow": compile_flow,
-        "s3gen_hold_seconds": hold_seconds,
+        "capacity": engine.info.capacity,
+        "calibration": engine.calibration,
         "levels": [],
     }
     try:
@@ -547,8 +545,7 @@ def main() -> None:
     parser.add_argument(
         "--variant",
         default="",
-        help="a second engine run, REF_SECONDS:FIRST_CHUNK:LEVELS[:S3GEN_HOLD_SECONDS], "
-        "e.g. 4:7:1,16,64 or 4:10:16,64:0.2",
+        help="a second engine run, REF_SECONDS:FIRST_CHUNK:LEVELS, e.g. 4:7:1,16,64",
     )
     parser.add_argument("--budget-s", type=float, default=480, help="skip levels after this")
     parser.add_argument("--device", default="cuda", help="cpu: check the script on a tiny run")
@@ -621,7 +618,7 @@ def main() -> None:
         )
         save()
         if args.variant:
-            v_ref, v_first, v_levels, *v_hold = args.variant.split(":")
+            v_ref, v_first, v_levels = args.variant.split(":")[:3]
             result["engine_variant"] = asyncio.run(
                 engine_section(
                     model_dir,
@@ -630,7 +627,6 @@ def main() -> None:
                     int(v_first),
                     deadline,
                     args.engine_compile_flow,
-                    float(v_hold[0]) if v_hold else 0.0,
                 )
             )
             save()
@@ -673,8 +669,7 @@ def main() -> None:
     rows = [("", lv) for lv in result.get("engine", {}).get("levels", [])]
     if "engine_variant" in result:
         v = result["engine_variant"]
-        tag = f"ref {v['reference_seconds']:g} s, first {v['first_chunk_size']}"
-        tag += f", hold {v['s3gen_hold_seconds']:g} s: " if v["s3gen_hold_seconds"] else ": "
+        tag = f"ref {v['reference_seconds']:g} s, first {v['first_chunk_size']}: "
         rows += [(tag, lv) for lv in v["levels"]]
     for tag, lv in rows:
         print(

@@ -29,7 +29,7 @@ async def test_concurrent_streams_share_s3gen_batches(scripted_model_dir):  # no
         streams = await asyncio.gather(
             *(collect(eng.synthesize(segments(TEXT), SynthesisParams(), None)) for _ in range(3))
         )
-        batcher = eng._batcher
+        batcher = eng._scheduler
         assert batcher.chunks >= 3 * 2  # every streamed chunk went through the batcher
         assert batcher.batches < batcher.chunks  # and some of them shared an S3Gen call
         for chunks in streams:

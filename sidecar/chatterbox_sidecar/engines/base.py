@@ -44,6 +44,7 @@ class EngineInfo:
     can_clone: bool
     max_concurrency: int
     max_segment_chars: int = 300
+    capacity: int | None = None
 
 
 @dataclass(frozen=True)

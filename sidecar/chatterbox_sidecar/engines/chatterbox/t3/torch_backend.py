@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import secrets
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -528,6 +529,33 @@ class TorchT3Backend(T3Backend):
         )
         return decoder
 
+    def time_step(self, requests: int, kv_len: int = 512, repeats: int = 5) -> float | None:
+        """Seconds one decode step takes for ``requests`` guided requests (CUDA graphs only).
+
+        Replays the captured graph on zero inputs, as capturing did; only while no request
+        is active (the engine calls it at start, for its capacity calibration).
+
+        Returns:
+            The median step time, or None without graphs or while requests run.
+        """
+        decoder = self.decoder
+        if decoder is None or not decoder.graph_keys or decoder.active_ids:
+            return None
+        rows = min(2 * requests, decoder.cache.n_slots)
+        graph = decoder._graph_for(rows, kv_len)
+        if graph is None:
+            return None
+        device = decoder.model.device
+        inputs = torch.zeros(3, rows, dtype=torch.long, device=device)
+        times = []
+        with torch.inference_mode():
+            for _ in range(repeats + 1):
+                started = time.perf_counter()
+                graph.run(inputs)
+                torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - started)
+        return sorted(times[1:])[len(times[1:]) // 2]
+
     def generate(self, request: T3Request) -> TokenStream:
         """Queue ``request``; its tokens stream out as they are sampled (see T3Backend)."""
         if self._thread is None or self._stopping:
@@ -574,8 +602,9 @@ class TorchT3Backend(T3Backend):
         decoder = self.decoder
         assert decoder is not None
         device = decoder.model.device
-        # Own CUDA stream: T3 steps do not queue behind S3Gen work on the default stream.
-        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # Own CUDA stream, high priority: T3 steps do not queue behind S3Gen work, and the
+        # GPU schedules their blocks ahead of a long S3Gen batch's.
+        stream = torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
         on_stream = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with torch.inference_mode(), on_stream:
             while True:
