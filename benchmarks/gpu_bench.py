@@ -471,6 +471,7 @@ def server_section(
     sidecar_root: Path = ROOT / "sidecar",
     extra_env: dict | None = None,
     name: str = "bench_tts",
+    batch_streams: int = 0,
 ) -> dict:
     """The sidecar over its websocket, measured by ``scripts/bench_tts.py``.
 
@@ -528,6 +529,32 @@ def server_section(
             out["levels"] = json.loads(raw.read_text())["levels"]
             for lv in out["levels"]:
                 lv.update(sampler.window(lv["started_at_epoch"], lv["ended_at_epoch"]))
+        if batch_streams:
+            # batch mode: every client sends one ~1,455-character text with streaming off
+            batch = command[:2] + [
+                "--url",
+                sidecar.url,
+                "--streams",
+                str(batch_streams),
+                "--rounds",
+                "1",
+                "--warmup",
+                "0",
+                "--streaming",
+                "off",
+                "--texts",
+                "long",
+                "--encoding",
+                "pcm_f32le",
+                "--json",
+                str(raw),
+            ]
+            done = subprocess.run(batch, capture_output=True, text=True, timeout=timeout)
+            print(done.stdout[-1500:], done.stderr[-1000:], flush=True)
+            if raw.exists():
+                level = json.loads(raw.read_text())["levels"][0]
+                level.update(sampler.window(level["started_at_epoch"], level["ended_at_epoch"]))
+                out["batch_mode"] = level
     finally:
         sampler.stop()
         sidecar.stop()
@@ -571,6 +598,9 @@ def main() -> None:
     parser.add_argument("--server-timeout", type=float, default=300, help="server: seconds")
     parser.add_argument(
         "--server-seconds", type=float, default=0.0, help="server: seconds a level (0: rounds)"
+    )
+    parser.add_argument(
+        "--server-batch-streams", type=int, default=0, help="server: batch-mode clients after"
     )
     parser.add_argument(
         "--server-runs",
@@ -659,6 +689,7 @@ def main() -> None:
                 Path(root) if root else ROOT / "sidecar",
                 extra,
                 name,
+                args.server_batch_streams,
             )
             save()
     if "baseline" in sections:

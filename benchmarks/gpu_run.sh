@@ -41,8 +41,22 @@ case "$step" in
     run 150 profile64 python3 benchmarks/load_profile.py --streams 64 --seconds 15 \
       --profile-seconds 2 --out "$OUT/profile64.json" "$@"
     ;;
-  table)
-    run 540 table python3 benchmarks/gpu_bench.py --out "$OUT/table.json" "$@"
+  check)  # the new engine: CUDA tests, server at 1/16/64 (30 s), batch mode, profile at 16
+    run 120 tests python3 -m pytest -q -p no:cacheprovider -x tests/chatterbox/test_t3_cuda.py \
+      tests/chatterbox/test_s3gen_batch.py -k "cuda or graphs"
+    run 300 server python3 benchmarks/gpu_bench.py --out "$OUT/server.json" --sections server \
+      --server-levels 1,16,64 --server-seconds 30 --server-timeout 280 \
+      --server-batch-streams 32 "$@"
+    run 110 profile16 python3 benchmarks/load_profile.py --streams 16 --seconds 20 \
+      --profile-seconds 2 --out "$OUT/profile16.json"
+    ;;
+  table)  # the table: new engine 1/16/32/64 x 60 s + batch mode; baseline 16/64 x 30 s
+    run 420 table python3 benchmarks/gpu_bench.py --out "$OUT/table.json" --sections server \
+      --server-levels 1,16,32,64 --server-seconds 60 --server-timeout 400 \
+      --server-batch-streams 32 "$@"
+    run 150 baseline python3 benchmarks/gpu_bench.py --out "$OUT/baseline.json" \
+      --sections server --server-levels 16,64 --server-seconds 30 --server-timeout 140 \
+      --server-runs "baseline=$PWD/baseline/sidecar"
     ;;
   *)
     echo "unknown step $step (profile or table)" >&2

@@ -267,6 +267,20 @@ async def run(args) -> dict:
     result["t3_step"] = timings.summary("t3_step", t_start, t_end)
     result["t3_prefill"] = timings.summary("t3_prefill", t_start, t_end)
     result["s3gen"] = timings.summary("s3gen", t_start, t_end)
+    scheduler = getattr(engine, "_scheduler", None)
+    if scheduler is not None:
+        result["lanes"] = {
+            name: {
+                "batches": st.batches,
+                "chunks": st.chunks,
+                "late_chunks": st.late_chunks,
+                "busy_seconds": round(st.busy_seconds, 2),
+                "mean_batch": round(st.chunks / max(1, st.batches), 2),
+            }
+            for name, st in scheduler.lanes.items()
+        }
+        result["capacity"] = engine.info.capacity
+        result["calibration"] = engine.calibration
     if prof_window is not None:
         result["profile_window"] = {
             "t3_step": timings.summary("t3_step", *prof_window),

@@ -51,7 +51,19 @@ AGENT_SENTENCES = [
     "One moment while I pull up your details.",
     "Great, you are all set for tomorrow.",
 ]
-TEXT_SETS = {"agent": AGENT_SENTENCES, "replies": TEXTS}
+
+
+def _long_text(limit: int = 1455) -> str:
+    """About ``limit`` characters of agent replies (batch-mode benchmarks), whole sentences."""
+    text = ""
+    for sentence in (TEXTS + AGENT_SENTENCES) * 4:
+        if len(text) + len(sentence) + 1 > limit:
+            break
+        text = f"{text} {sentence}".strip()
+    return text
+
+
+TEXT_SETS = {"agent": AGENT_SENTENCES, "replies": TEXTS, "long": [_long_text()]}
 BYTES_PER_SAMPLE = {"pcm_f32le": 4, "pcm_s16le": 2, "pcm_mulaw": 1}
 GAP_TOLERANCE_S = 0.05
 

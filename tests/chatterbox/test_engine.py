@@ -187,13 +187,13 @@ async def test_cancel_stops_generation_within_one_chunk(slow_engine, monkeypatch
     assert speech_token_budget(LONG_TEXT) > 700
     t3: RecordingT3 = engine._t3
     decoded: list[bool] = []
-    original = engine._decoder.decode_chunk
+    original = engine._decoder.decode_chunks
 
-    def counting(stream, finalize):
-        decoded.append(finalize)
-        return original(stream, finalize)
+    def counting(streams, finalize, hops=None):
+        decoded.extend(finalize)
+        return original(streams, finalize, hops)
 
-    monkeypatch.setattr(engine._decoder, "decode_chunk", counting)
+    monkeypatch.setattr(engine._decoder, "decode_chunks", counting)
     before = set(t3.ended)
     stream = engine.synthesize(segments(LONG_TEXT, LONG_TEXT), SynthesisParams(), None)
     first = await anext(stream)
