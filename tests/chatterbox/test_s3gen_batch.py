@@ -192,3 +192,19 @@ def test_sync_free_chunk_mask_matches_upstream():
         [[True, False]],
         [[True, True]],
     ]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_precapture_covers_streaming_shapes(s3gen_model_dir):
+    """After precapture, streams decoded chunk by chunk (hops of the set) record no graph."""
+    from chatterbox_sidecar.engines.chatterbox.s3gen.loader import load_s3gen
+
+    model = load_s3gen(s3gen_model_dir / "s3gen.safetensors", "cuda")
+    refs, toks = references(s3gen_model_dir, "cuda"), token_lists()
+    graphed = S3GenStreamDecoder(model, CONFIG, cuda_graphs=True)
+    prompts = [r.prompt_token.shape[1] for r in refs]
+    assert graphed.precapture(4, max(prompts), min_prompt_tokens=min(prompts)) > 0
+    recorded = graphed.graphs.captures
+    decode_together(graphed, refs, toks)
+    assert graphed.graphs.captures == recorded
+    assert graphed.graphs.eager_calls == 0

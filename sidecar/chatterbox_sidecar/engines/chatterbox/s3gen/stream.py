@@ -456,6 +456,7 @@ class S3GenStreamDecoder:
         prompt_tokens: int,
         hops: Sequence[int] | None = None,
         final_tokens: int | None = None,
+        min_prompt_tokens: int | None = None,
     ) -> int:
         """Record, before serving, the CUDA graphs of every shape streamed chunks meet.
 
@@ -470,6 +471,8 @@ class S3GenStreamDecoder:
             prompt_tokens: Longest voice prompt, in tokens (the reference cap x 25).
             hops: The hops chunks take (default: ``config.hops()``).
             final_tokens: Longest final chunk covered (default: twice the largest hop).
+            min_prompt_tokens: Shortest voice prompt covered (default: half of
+                ``prompt_tokens``; shorter voices record their shapes when met).
 
         Returns:
             Graphs recorded.
@@ -481,8 +484,9 @@ class S3GenStreamDecoder:
         final_tokens = final_tokens or 2 * max(hops)
         longest = prompt_tokens + cfg.context_window
         longest += max(max(hops) + LOOKAHEAD_TOKENS, final_tokens)
-        # Voices with a reference shorter than half the cap record their shapes when met.
-        shortest = prompt_tokens // 2 + min(hops)
+        if min_prompt_tokens is None:
+            min_prompt_tokens = prompt_tokens // 2
+        shortest = min_prompt_tokens + min(hops)
         rows_list, rows = [], 1
         while rows < max_rows:
             rows_list.append(rows)
