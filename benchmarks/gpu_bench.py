@@ -472,6 +472,7 @@ def server_section(
     extra_env: dict | None = None,
     name: str = "bench_tts",
     batch_streams: int = 0,
+    batch_timeout: float = 60.0,
 ) -> dict:
     """The sidecar over its websocket, measured by ``scripts/bench_tts.py``.
 
@@ -508,7 +509,7 @@ def server_section(
     out["sidecar_root"] = str(sidecar_root)
     sampler = GpuSampler(500).start()
     try:
-        raw = Path("/tmp") / f"{name}.json"
+        raw = out_dir / f"{name}.json"  # written by bench_tts as soon as the levels end
         command = [
             sys.executable,
             str(ROOT / "scripts" / "bench_tts.py"),
@@ -529,7 +530,14 @@ def server_section(
             out["levels"] = json.loads(raw.read_text())["levels"]
             for lv in out["levels"]:
                 lv.update(sampler.window(lv["started_at_epoch"], lv["ended_at_epoch"]))
+                print(
+                    f"  {lv['streams']} streams: GPU busy {lv.get('gpu_busy_mean_pct')} %, "
+                    f"samples under 20 %: {lv.get('gpu_busy_under_20pct_share')}",
+                    flush=True,
+                )
+            (out_dir / f"{name}_levels.json").write_text(json.dumps(out["levels"], indent=1))
         if batch_streams:
+            raw_batch = out_dir / f"{name}_batch.json"
             # batch mode: every client sends one ~1,455-character text with streaming off
             batch = command[:2] + [
                 "--url",
@@ -547,12 +555,15 @@ def server_section(
                 "--encoding",
                 "pcm_f32le",
                 "--json",
-                str(raw),
+                str(raw_batch),
             ]
-            done = subprocess.run(batch, capture_output=True, text=True, timeout=timeout)
-            print(done.stdout[-1500:], done.stderr[-1000:], flush=True)
-            if raw.exists():
-                level = json.loads(raw.read_text())["levels"][0]
+            try:
+                done = subprocess.run(batch, capture_output=True, text=True, timeout=batch_timeout)
+                print(done.stdout[-1500:], done.stderr[-1000:], flush=True)
+            except subprocess.TimeoutExpired:
+                print(f"  batch mode: not done within {batch_timeout} s", flush=True)
+            if raw_batch.exists():
+                level = json.loads(raw_batch.read_text())["levels"][0]
                 level.update(sampler.window(level["started_at_epoch"], level["ended_at_epoch"]))
                 out["batch_mode"] = level
     finally:

@@ -50,6 +50,11 @@ case "$step" in
     run 110 profile16 python3 benchmarks/load_profile.py --streams 16 --seconds 20 \
       --profile-seconds 2 --out "$OUT/profile16.json"
     ;;
+  final)  # what one last call can hold: the new engine at 1/16/32/64 streams x 35 s, batch mode
+    run 345 table python3 benchmarks/gpu_bench.py --out "$OUT/table.json" --sections server \
+      --server-levels 1,16,32,64 --server-seconds 35 --server-timeout 330 \
+      --server-batch-streams 32 "$@"
+    ;;
   table)  # the table: new engine 1/16/32/64 x 60 s + batch mode; baseline 16/64 x 30 s
     run 420 table python3 benchmarks/gpu_bench.py --out "$OUT/table.json" --sections server \
       --server-levels 1,16,32,64 --server-seconds 60 --server-timeout 400 \

@@ -159,8 +159,13 @@ def test_cuda_graphs_match_eager(s3gen_model_dir):
         assert len(x) == len(y)
         # Padded shapes pick other cuDNN/cuBLAS kernels (TF32 convolutions by default): the
         # same function up to rounding, which ~70 layers amplify to ~1e-3 here and there.
-        rel = np.sqrt(np.mean((y - x) ** 2) / np.mean(x**2))
+        # A final chunk is vocoded at a bucketed length (its last frame repeated), so the
+        # utterance's closing 0.2 s is compared separately, more loosely.
+        tail = 4800
+        rel = np.sqrt(np.mean((y[:-tail] - x[:-tail]) ** 2) / np.mean(x[:-tail] ** 2))
         assert rel < 1e-2
+        rel_tail = np.sqrt(np.mean((y[-tail:] - x[-tail:]) ** 2) / np.mean(x[-tail:] ** 2))
+        assert rel_tail < 0.2
 
 
 def test_sync_free_istft_matches_torch_istft(s3gen_model):

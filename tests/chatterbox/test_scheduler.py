@@ -16,9 +16,10 @@ pytestmark = pytest.mark.asyncio
 
 
 class FakeStream:
-    def __init__(self, name: str, chunks_decoded: int = 1):
+    def __init__(self, name: str, chunks_decoded: int = 1, pending: int = 0):
         self.name = name
         self.chunks_decoded = chunks_decoded
+        self.pending = pending
         self.tokens: list[int] = []
 
     def push(self, tokens):
@@ -146,3 +147,31 @@ async def test_lead_time_follows_the_batches():
     await dec.release()
     await task
     assert sched.lead_time() == pytest.approx(0.4)  # idle: one batch of its own
+
+
+async def test_a_small_chunk_about_to_run_dry_skips_the_bulk_queue():
+    """Urgent (deadline before the bulk lane's turnaround) and small: fast lane; else bulk."""
+    bulk, fast = GatedDecoder(), GatedDecoder()
+    clock = [0.0]
+    sched = ChunkScheduler(
+        bulk, bulk.run, fast=fast, run_fast=fast.run, fast_max_tokens=28, clock=lambda: clock[0]
+    )
+    warm = asyncio.create_task(sched.decode(FakeStream("warm"), False, deadline=9.0, hop=100))
+    await settle()
+    clock[0] = 0.5
+    await bulk.release()
+    await warm  # the bulk lane's batches take 0.5 s now
+    long = asyncio.create_task(sched.decode(FakeStream("long"), False, deadline=9.0, hop=100))
+    await settle()  # a bulk batch runs again: a new chunk would wait ~1 s in that lane
+    assert sched.lead_time() == pytest.approx(1.0)
+    dry = asyncio.create_task(sched.decode(FakeStream("dry"), False, deadline=0.8, hop=25))
+    big = asyncio.create_task(sched.decode(FakeStream("big"), False, deadline=0.8, hop=50))
+    calm = asyncio.create_task(sched.decode(FakeStream("calm"), False, deadline=5.0, hop=25))
+    tail = asyncio.create_task(sched.decode(FakeStream("tail", pending=9), True, deadline=0.7))
+    await settle()
+    await fast.release()
+    await asyncio.gather(dry, tail)
+    assert fast.batches == [["tail", "dry"]]  # by deadline
+    await bulk.release(2)
+    await asyncio.gather(long, big, calm)
+    assert bulk.batches[1:] == [["long"], ["big", "calm"]]

@@ -64,8 +64,10 @@ CONDS_FILE = "conds.pt"
 # chunk by ~6 ms (benchmarks/NOTES.md). The speaker embedding still comes from the whole clip;
 # the effect on voice similarity is unmeasured (random weights): set 10 for upstream behaviour.
 CUDA_REFERENCE_SECONDS = 4.0
-# Most first chunks in one fast-lane batch.
+# Most chunks in one fast-lane batch, and the largest chunk (new tokens) an urgent stream
+# takes there (first chunks always go there).
 FAST_MAX_BATCH = 16
+FAST_MAX_TOKENS = 28
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ class ChatterboxEngineConfig:
     fast_lane: bool | None = None
     urgency_margin: float = 0.3
     max_streams: int | None = None
-    gpu_share: float = 0.6
+    gpu_share: float = 0.35
     chunk_size: int = 25
     max_chunk_size: int = 100
     first_chunk_size: int = 7
@@ -313,6 +315,7 @@ class ChatterboxEngine(Engine):
             run_fast=self._in_fast,
             max_batch=self.config.s3gen_max_batch,
             fast_max_batch=FAST_MAX_BATCH,
+            fast_max_tokens=FAST_MAX_TOKENS,
         )
         conds = VoiceConditionals.load(self._model_dir / CONDS_FILE)
         self._default = _CachedVoice("", conds, self._reference(conds))
@@ -334,7 +337,10 @@ class ChatterboxEngine(Engine):
         if self._fast_decoder is not None:
             first = cfg.first_chunk_size
             graphs += self._fast_decoder.precapture(
-                FAST_MAX_BATCH, prompt, hops=(first,), final_tokens=first + LOOKAHEAD_TOKENS
+                FAST_MAX_BATCH,
+                prompt,
+                hops=(first, cfg.chunk_size),
+                final_tokens=FAST_MAX_TOKENS,
             )
         logger.info(
             f"{self}: recorded {graphs} S3Gen CUDA graphs in {time.perf_counter() - started:.1f} s"

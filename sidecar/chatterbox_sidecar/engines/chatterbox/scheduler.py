@@ -6,9 +6,11 @@ so a stream with nothing to play goes ahead of streams with audio in hand). Two 
 with its own S3Gen decoder (its own CUDA graphs, memory pool and CUDA stream), run batches
 (rows = streams):
 
-- the **fast lane** takes first chunks: small, quick batches, so that time to first audio does
-  not wait behind a long batch of steady chunks (on CUDA its stream has high priority, and the
-  GPU interleaves both lanes' kernels);
+- the **fast lane** takes first chunks, and small chunks (at most ``fast_max_tokens`` new
+  tokens) whose deadline comes before the bulk lane could serve them: small, quick batches, so
+  that neither time to first audio nor a stream about to run dry waits behind a long batch of
+  steady chunks (on CUDA its stream has high priority, and the GPU interleaves both lanes'
+  kernels);
 - the **bulk lane** takes every other chunk, earliest deadline first, up to ``max_batch`` a
   batch; whole utterances of batch mode (:meth:`decode_whole`, no listener waiting) ride in it
   when no streamed chunk waits, or when they have waited ``whole_max_wait`` seconds.
@@ -115,6 +117,7 @@ class ChunkScheduler:
         max_batch: Most chunks in one bulk batch.
         fast_max_batch: Most first chunks in one fast batch.
         whole_max_wait: Seconds a batch-mode utterance waits behind streamed chunks at most.
+        fast_max_tokens: Largest chunk (new tokens) an urgent stream may take to the fast lane.
         clock: Loop clock (tests pass their own).
     """
 
@@ -128,6 +131,7 @@ class ChunkScheduler:
         max_batch: int = 64,
         fast_max_batch: int = 16,
         whole_max_wait: float = 1.0,
+        fast_max_tokens: int = 28,
         clock: Callable[[], float] | None = None,
     ):
         self._clock = clock
@@ -138,6 +142,7 @@ class ChunkScheduler:
             else None
         )
         self._whole_max_wait = whole_max_wait
+        self._fast_max_tokens = fast_max_tokens
 
     # ---- public ------------------------------------------------------------------------
 
@@ -192,7 +197,12 @@ class ChunkScheduler:
             The new audio (float32, 24 kHz).
         """
         first = getattr(stream, "chunks_decoded", 1) == 0
-        lane = self._fast if first and self._fast is not None else self._bulk
+        lane = self._bulk
+        if self._fast is not None:
+            tokens = getattr(stream, "pending", 0) if finalize or hop is None else hop
+            urgent = deadline - self.now() < self.lead_time()
+            if first or (urgent and tokens <= self._fast_max_tokens):
+                lane = self._fast
         return await self._submit(lane, ChunkJob(stream, finalize, hop, deadline, None, first))
 
     async def decode_whole(self, reference: Any, tokens: Iterable[int]) -> np.ndarray:

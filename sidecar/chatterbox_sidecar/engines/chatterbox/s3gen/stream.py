@@ -61,6 +61,11 @@ MIN_CHUNK_TOKENS = LOOKAHEAD_TOKENS + MIN_NEW_TOKENS
 # chunk's mel to a multiple of FINAL_MEL_STEP frames (see S3GenStreamDecoder).
 TOKEN_STEP = 32
 FINAL_MEL_STEP = 32
+# CUDA graphs: flow frames are padded (masked) to a multiple of this.
+FRAME_STEP = 64
+# Final chunks rarely share a batch in large numbers: their vocoder graphs are recorded before
+# serving for batches up to this many rows only (larger ones when met twice).
+FINAL_PRECAPTURE_ROWS = 8
 NOISE_SEED = 0
 # Flow noise covers 300 s of mel frames (prompt included), as upstream's buffer does.
 NOISE_FRAMES = 50 * 300
@@ -306,7 +311,7 @@ class S3GenStreamDecoder:
             # convolutions already use by default) cost them ~1e-3 relative error.
             torch.backends.cuda.matmul.allow_tf32 = True
         # Shape buckets only matter when shapes key graphs.
-        self._frame_step = 32 if self.cuda_graphs else 1
+        self._frame_step = FRAME_STEP if self.cuda_graphs else 1
         fold_weight_norm(self.hift)
         patch_sync_free_masks()
         if self.cuda_graphs:
@@ -497,7 +502,7 @@ class S3GenStreamDecoder:
         fd, dev = self.flow_dtype, self.device
         mel_lengths = {TOKEN_MEL_RATIO * h for h in hops}
         mel_lengths |= {MEL_CACHE_FRAMES + TOKEN_MEL_RATIO * h for h in hops}
-        mel_lengths |= set(
+        final_lengths = set(
             range(
                 FINAL_MEL_STEP,
                 bucket(MEL_CACHE_FRAMES + 2 * final_tokens, FINAL_MEL_STEP) + 1,
@@ -515,14 +520,18 @@ class S3GenStreamDecoder:
                         tokens = torch.randint(0, SPEECH_VOCAB_SIZE, (rows, width), device=dev)
                         lengths = torch.full((rows,), width, device=dev, dtype=torch.long)
                         self.graphs("encoder", self._encode, tokens, lengths)
-                    for frames in range(bucket(2 * shortest, 32), bucket(2 * longest, 32) + 1, 32):
+                    step = self._frame_step
+                    top = bucket(2 * longest, step) + 1
+                    for frames in range(bucket(2 * shortest, step), top, step):
                         x = torch.randn(rows, 80, frames, device=dev)
                         mask = torch.ones(2 * rows, 1, frames, device=dev, dtype=fd)
                         mu = torch.randn(2 * rows, 80, frames, device=dev, dtype=fd)
                         spks = torch.randn(2 * rows, spk_dim, device=dev, dtype=fd)
                         cond = torch.randn(2 * rows, 80, frames, device=dev, dtype=fd)
                         self.graphs("flow_step", self._euler_step, x, mask, mu, t, spks, cond, dt)
-                    for length in sorted(mel_lengths):
+                    finals = final_lengths if rows <= FINAL_PRECAPTURE_ROWS else set()
+                    lengths = mel_lengths | finals
+                    for length in sorted(lengths):
                         mel = torch.randn(rows, 80, length, device=dev, dtype=self.dtype)
                         self.graphs("hift_f0", self._f0, mel)
                         source = torch.randn(rows, 1, length * SAMPLES_PER_FRAME, device=dev)
