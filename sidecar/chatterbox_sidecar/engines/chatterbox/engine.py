@@ -97,7 +97,8 @@ class ChatterboxEngineConfig:
             expected turnaround before it asks for a smaller hop than its schedule's.
         max_streams: Streams the engine keeps gap-free (its ``info.capacity``); None
             calibrates on CUDA at start (see ``_calibrate``) and leaves it unknown on CPU.
-        gpu_share: Share of GPU time the calibration lets the streams' work take.
+        gpu_share: Share of GPU time the calibration's cost model lets the streams' work take
+            (calibrated against what an H200 kept gap-free; see ``_calibrate``).
         chunk_size: New speech tokens of the second chunk (``TTS_CHUNK_SIZE``); later hops
             double up to ``max_chunk_size``.
         max_chunk_size: Largest hop (fewer context and prompt frames re-decoded per second of
@@ -136,7 +137,9 @@ class ChatterboxEngineConfig:
     fast_lane: bool | None = None
     urgency_margin: float = 0.3
     max_streams: int | None = None
-    gpu_share: float = 0.35
+    # Between what the model predicts for the measured gap-free level on an H200 (1 stream:
+    # 0.12) and for the first level measured with gaps (16 streams: 0.23); BENCHMARKS.md.
+    gpu_share: float = 0.15
     chunk_size: int = 25
     max_chunk_size: int = 100
     first_chunk_size: int = 7
@@ -353,6 +356,11 @@ class ChatterboxEngine(Engine):
         the same counts, turns them into GPU seconds per second of audio for N streams
         speaking short replies (the hop schedule of a 150-token reply, prompt and context
         included), and returns the largest N whose total stays within ``gpu_share``.
+
+        The model counts GPU work only; what it leaves out (two lanes and T3 sharing the GPU,
+        T3 decoding ahead of need, prefill bursts) is folded into ``gpu_share``, which was set
+        from the H200 measurements of issue 12 (one stream gap-free at a modelled 0.12 of the
+        GPU, 16 streams not at 0.23): it gives 4 streams there, a level not yet measured.
         """
         import torch
 
