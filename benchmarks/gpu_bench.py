@@ -19,9 +19,12 @@ Sections (each writes into one JSON under ``$OUT``):
    aggregate audio seconds per second, peak GPU memory.
 3. ``t3``: T3 alone (the same backend) at 1, 16 and 64 requests: milliseconds per decode step.
 4. ``server``: the sidecar itself (``python -m chatterbox_sidecar``, chatterbox engine, torch
-   T3, the same model folder) driven over its websocket by ``scripts/bench_tts.py``; its
-   client-side TTFA against the server's own ``ttfb_ms`` shows what the server adds. Reply
-   lengths here are the sidecar's own per-text budgets (random weights never stop).
+   T3, the same model folder) driven over its websocket by ``scripts/bench_tts.py``: per level,
+   the share of gap-free utterances and each one's longest gap (``--server-seconds`` of agent
+   sentences back to back), TTFA against the server's own ``ttfb_ms``, and the GPU busy share
+   (``nvidia-smi``); ``--server-batch-streams`` adds a batch-mode run of long texts and
+   ``--server-runs`` other sidecars (a baseline checkout). Reply lengths are the sidecar's own
+   per-text budgets (random weights never stop).
 5. ``baseline``: the naive pipeline on the same inputs, as chatterbox-vllm and the public
    streaming fork run it: the same T3, then upstream's ``S3Gen.inference`` (eager, fp32,
    10 s reference) on the whole window of the last 50 + 25 new tokens every 25 tokens, one
@@ -500,6 +503,9 @@ def server_section(
         "TTS_COMPILE_FLOW": str(compile_flow).lower(),
         "TTS_ENGINE_CONCURRENCY": str(max(int(x) for x in levels.split(","))),
         "TTS_MAX_CONNECTIONS": "1000",
+        # Measure past the engine's own capacity: the levels are what the GPU does, not what
+        # the server admits (`busy` answers would hide it).
+        "TTS_MAX_STREAMS": str(max(int(x) for x in levels.split(","))),
         "TTS_LOG_LEVEL": "INFO",
         **(extra_env or {}),
     }

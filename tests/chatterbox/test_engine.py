@@ -139,6 +139,17 @@ async def test_engine_info(engine):
     assert engine.info.native_sample_rate == 24_000
     assert engine.info.can_clone
     assert engine.info.max_segment_chars == 300
+    assert engine.info.capacity is None  # CPU: no calibration, no TTS_MAX_STREAMS
+
+
+async def test_capacity_given_is_reported_after_start(scripted_model_dir):
+    eng = ChatterboxEngine(engine_config(scripted_model_dir, max_streams=3))
+    assert eng.info.capacity is None  # known only once started
+    await eng.start()
+    try:
+        assert eng.info.capacity == 3
+    finally:
+        await eng.close()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

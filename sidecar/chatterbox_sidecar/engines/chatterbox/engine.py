@@ -272,8 +272,9 @@ class ChatterboxEngine(Engine):
         except Exception as e:
             raise EngineError(f"chatterbox engine failed to start: {e}") from e
         logger.info(
-            f"{self}: ready on {cfg.device} (T3 {type(self._t3).__name__}, chunks "
-            f"{cfg.first_chunk_size}/{cfg.chunk_size} tokens, context {cfg.context_window}, "
+            f"{self}: ready on {cfg.device} (T3 {type(self._t3).__name__}, hops "
+            f"{'/'.join(map(str, self._stream_config.hops()))} tokens, "
+            f"context {cfg.context_window}, "
             f"{cfg.flow_steps} flow steps, reference <= {cfg.resolved_reference_seconds():g} s, "
             f"S3Gen graphs {self._decoder.cuda_graphs}, flow {self._decoder.flow_dtype}, "
             f"fast lane {self._fast_decoder is not None}, capacity {self.info.capacity})"
