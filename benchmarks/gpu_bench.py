@@ -19,9 +19,12 @@ Sections (each writes into one JSON under ``$OUT``):
    aggregate audio seconds per second, peak GPU memory.
 3. ``t3``: T3 alone (the same backend) at 1, 16 and 64 requests: milliseconds per decode step.
 4. ``server``: the sidecar itself (``python -m chatterbox_sidecar``, chatterbox engine, torch
-   T3, the same model folder) driven over its websocket by ``scripts/bench_tts.py``; its
-   client-side TTFA against the server's own ``ttfb_ms`` shows what the server adds. Reply
-   lengths here are the sidecar's own per-text budgets (random weights never stop).
+   T3, the same model folder) driven over its websocket by ``scripts/bench_tts.py``: per level,
+   the share of gap-free utterances and each one's longest gap (``--server-seconds`` of agent
+   sentences back to back), TTFA against the server's own ``ttfb_ms``, and the GPU busy share
+   (``nvidia-smi``); ``--server-batch-streams`` adds a batch-mode run of long texts and
+   ``--server-runs`` other sidecars (a baseline checkout). Reply lengths are the sidecar's own
+   per-text budgets (random weights never stop).
 5. ``baseline``: the naive pipeline on the same inputs, as chatterbox-vllm and the public
    streaming fork run it: the same T3, then upstream's ``S3Gen.inference`` (eager, fp32,
    10 s reference) on the whole window of the last 50 + 25 new tokens every 25 tokens, one
@@ -50,7 +53,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "sidecar"), str(ROOT)]
+sys.path[:0] = [str(ROOT / "sidecar"), str(ROOT), str(ROOT / "benchmarks")]
 
 from chatterbox_sidecar.engines.base import SynthesisParams  # noqa: E402
 from chatterbox_sidecar.engines.chatterbox import (  # noqa: E402
@@ -61,14 +64,14 @@ from chatterbox_sidecar.engines.chatterbox.conditionals import (  # noqa: E402
     VoiceConditionals,
     cap_reference,
 )
-from chatterbox_sidecar.engines.chatterbox.s3gen_loader import load_s3gen  # noqa: E402
-from chatterbox_sidecar.engines.chatterbox.s3gen_stream import (  # noqa: E402
+from chatterbox_sidecar.engines.chatterbox.s3gen.loader import load_s3gen  # noqa: E402
+from chatterbox_sidecar.engines.chatterbox.s3gen.stream import (  # noqa: E402
     SAMPLE_RATE,
     Reference,
     S3GenStreamDecoder,
     StreamConfig,
 )
-from chatterbox_sidecar.engines.chatterbox.t3_backend import T3Request  # noqa: E402
+from chatterbox_sidecar.engines.chatterbox.t3.backend import T3Request  # noqa: E402
 
 TEXT = (
     "Thanks for calling, I can help you with that right away. Your order shipped this "
@@ -263,7 +266,7 @@ async def engine_level(engine: ChatterboxEngine, n: int, replies: int) -> dict:
             results.append(await one_reply(engine, seed=1000 * k + r))
 
     reset_peak()
-    batcher = engine._batcher
+    batcher = engine._scheduler
     b0, c0 = batcher.batches, batcher.chunks
     started = time.perf_counter()
     await asyncio.gather(*(worker(k) for k in range(n)))
@@ -281,7 +284,6 @@ async def engine_level(engine: ChatterboxEngine, n: int, replies: int) -> dict:
         "aggregate_audio_s_per_s": round(sum(r["audio_s"] for r in results) / wall, 2),
         "peak_gpu_gib": peak_gib(),
         "s3gen_mean_batch": round((batcher.chunks - c0) / max(1, batcher.batches - b0), 2),
-        "s3gen_held_batches": batcher.held,
         "raw": results,
     }
 
@@ -293,11 +295,9 @@ async def engine_section(
     first_chunk_size: int = ChatterboxEngineConfig.first_chunk_size,
     deadline: float = float("inf"),
     compile_flow: bool = False,
-    hold_seconds: float = 0.0,
 ) -> dict:
     config = ChatterboxEngineConfig(
         compile_flow=compile_flow,
-        s3gen_hold_seconds=hold_seconds,
         model_dir=model_dir,
         device=DEVICE,
         t3_backend="torch",
@@ -316,7 +316,8 @@ async def engine_section(
         "reference_seconds": reference_seconds,
         "first_chunk_size": first_chunk_size,
         "compile_flow": compile_flow,
-        "s3gen_hold_seconds": hold_seconds,
+        "capacity": engine.info.capacity,
+        "calibration": engine.calibration,
         "levels": [],
     }
     try:
@@ -358,7 +359,7 @@ async def t3_section(model_dir: Path, levels: list[int], kv_bucket: int) -> dict
     ``kv_bucket`` is the decode graphs' cache-length step; 1536 (the whole cache) is how the
     graphs attended before they were bucketed.
     """
-    from chatterbox_sidecar.engines.chatterbox.t3_torch import TorchT3Backend
+    from chatterbox_sidecar.engines.chatterbox.t3.torch_backend import TorchT3Backend
 
     conds = VoiceConditionals.load(model_dir / "conds.pt")
     t3 = TorchT3Backend(model_dir, device=DEVICE, max_batch_size=max(levels), kv_bucket=kv_bucket)
@@ -400,7 +401,7 @@ async def t3_section(model_dir: Path, levels: list[int], kv_bucket: int) -> dict
 async def baseline_section(model_dir: Path, replies: int = 3) -> dict:
     """The naive pipeline: same T3, upstream ``S3Gen.inference`` on 50 + 25 tokens per chunk."""
     from chatterbox_sidecar.engines.chatterbox.model_files import speech_token_budget
-    from chatterbox_sidecar.engines.chatterbox.t3_torch import TorchT3Backend
+    from chatterbox_sidecar.engines.chatterbox.t3.torch_backend import TorchT3Backend
 
     s3gen = load_s3gen(model_dir / "s3gen.safetensors", DEVICE)  # eager, fp32, weight norm on
     conds = VoiceConditionals.load(model_dir / "conds.pt")
@@ -464,19 +465,35 @@ async def baseline_section(model_dir: Path, replies: int = 3) -> dict:
 
 
 def server_section(
-    model_dir: Path, levels: str, rounds: int, timeout: float, compile_flow: bool
+    model_dir: Path,
+    levels: str,
+    rounds: int,
+    timeout: float,
+    compile_flow: bool,
+    seconds: float = 0.0,
+    sidecar_root: Path = ROOT / "sidecar",
+    extra_env: dict | None = None,
+    name: str = "bench_tts",
+    batch_streams: int = 0,
+    batch_timeout: float = 60.0,
 ) -> dict:
-    """The sidecar over its websocket, measured by ``scripts/bench_tts.py``."""
+    """The sidecar over its websocket, measured by ``scripts/bench_tts.py``.
+
+    ``sidecar_root`` picks the sidecar code (another checkout's ``sidecar/`` runs a baseline
+    with this checkout's client); ``extra_env`` adds settings. GPU utilization is sampled by
+    ``nvidia-smi`` and reported per level.
+    """
     import subprocess
 
     from chatterbox_sidecar.process import SidecarProcess
+    from gpu_sampler import GpuSampler
 
     out_dir = Path(os.environ.get("OUT", "/tmp"))
-    workdir = out_dir / "sidecar"
+    workdir = out_dir / f"sidecar_{name}"
     workdir.mkdir(parents=True, exist_ok=True)
     env = {
         "PYTHONPATH": os.pathsep.join(
-            [str(ROOT / "sidecar"), str(ROOT / "plugin"), os.environ.get("PYTHONPATH", "")]
+            [str(sidecar_root), str(ROOT / "plugin"), os.environ.get("PYTHONPATH", "")]
         ),
         "TTS_ENGINE": "chatterbox",
         "TTS_T3_BACKEND": "torch",
@@ -486,13 +503,19 @@ def server_section(
         "TTS_COMPILE_FLOW": str(compile_flow).lower(),
         "TTS_ENGINE_CONCURRENCY": str(max(int(x) for x in levels.split(","))),
         "TTS_MAX_CONNECTIONS": "1000",
+        # Measure past the engine's own capacity: the levels are what the GPU does, not what
+        # the server admits (`busy` answers would hide it).
+        "TTS_MAX_STREAMS": str(max(int(x) for x in levels.split(","))),
         "TTS_LOG_LEVEL": "INFO",
+        **(extra_env or {}),
     }
     started = time.perf_counter()
     sidecar = SidecarProcess(workdir, env).start(timeout)
-    out: dict = {"start_s": round(time.perf_counter() - started, 1)}
+    out: dict = {"start_s": round(time.perf_counter() - started, 1), "env": extra_env or {}}
+    out["sidecar_root"] = str(sidecar_root)
+    sampler = GpuSampler(500).start()
     try:
-        raw = out_dir / "bench_tts.json"
+        raw = out_dir / f"{name}.json"  # written by bench_tts as soon as the levels end
         command = [
             sys.executable,
             str(ROOT / "scripts" / "bench_tts.py"),
@@ -500,17 +523,57 @@ def server_section(
             sidecar.url,
             "--streams",
             levels,
-            "--rounds",
-            str(rounds),
+            "--encoding",
+            "pcm_f32le",
             "--json",
             str(raw),
         ]
+        command += ["--seconds", str(seconds)] if seconds else ["--rounds", str(rounds)]
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         print(done.stdout[-3000:], done.stderr[-2000:], flush=True)
         out["command"] = " ".join(command[1:])
         if raw.exists():
             out["levels"] = json.loads(raw.read_text())["levels"]
+            for lv in out["levels"]:
+                lv.update(sampler.window(lv["started_at_epoch"], lv["ended_at_epoch"]))
+                print(
+                    f"  {lv['streams']} streams: GPU busy {lv.get('gpu_busy_mean_pct')} %, "
+                    f"samples under 20 %: {lv.get('gpu_busy_under_20pct_share')}",
+                    flush=True,
+                )
+            (out_dir / f"{name}_levels.json").write_text(json.dumps(out["levels"], indent=1))
+        if batch_streams:
+            raw_batch = out_dir / f"{name}_batch.json"
+            # batch mode: every client sends one ~1,455-character text with streaming off
+            batch = command[:2] + [
+                "--url",
+                sidecar.url,
+                "--streams",
+                str(batch_streams),
+                "--rounds",
+                "1",
+                "--warmup",
+                "0",
+                "--streaming",
+                "off",
+                "--texts",
+                "long",
+                "--encoding",
+                "pcm_f32le",
+                "--json",
+                str(raw_batch),
+            ]
+            try:
+                done = subprocess.run(batch, capture_output=True, text=True, timeout=batch_timeout)
+                print(done.stdout[-1500:], done.stderr[-1000:], flush=True)
+            except subprocess.TimeoutExpired:
+                print(f"  batch mode: not done within {batch_timeout} s", flush=True)
+            if raw_batch.exists():
+                level = json.loads(raw_batch.read_text())["levels"][0]
+                level.update(sampler.window(level["started_at_epoch"], level["ended_at_epoch"]))
+                out["batch_mode"] = level
     finally:
+        sampler.stop()
         sidecar.stop()
     return out
 
@@ -526,8 +589,7 @@ def main() -> None:
     parser.add_argument(
         "--variant",
         default="",
-        help="a second engine run, REF_SECONDS:FIRST_CHUNK:LEVELS[:S3GEN_HOLD_SECONDS], "
-        "e.g. 4:7:1,16,64 or 4:10:16,64:0.2",
+        help="a second engine run, REF_SECONDS:FIRST_CHUNK:LEVELS, e.g. 4:7:1,16,64",
     )
     parser.add_argument("--budget-s", type=float, default=480, help="skip levels after this")
     parser.add_argument("--device", default="cuda", help="cpu: check the script on a tiny run")
@@ -551,6 +613,18 @@ def main() -> None:
     parser.add_argument("--server-levels", default="1,16,64", help="server: stream counts")
     parser.add_argument("--server-rounds", type=int, default=2, help="server: replies a stream")
     parser.add_argument("--server-timeout", type=float, default=300, help="server: seconds")
+    parser.add_argument(
+        "--server-seconds", type=float, default=0.0, help="server: seconds a level (0: rounds)"
+    )
+    parser.add_argument(
+        "--server-batch-streams", type=int, default=0, help="server: batch-mode clients after"
+    )
+    parser.add_argument(
+        "--server-runs",
+        default="",
+        help="server: several sidecars in turn, NAME=SIDECAR_ROOT[+ENV=V...];... "
+        "(empty: this checkout's sidecar, defaults)",
+    )
     parser.add_argument(
         "--t3-kv-buckets", default="1536,256", help="t3 section: decode graphs' cache steps"
     )
@@ -591,7 +665,7 @@ def main() -> None:
         )
         save()
         if args.variant:
-            v_ref, v_first, v_levels, *v_hold = args.variant.split(":")
+            v_ref, v_first, v_levels = args.variant.split(":")[:3]
             result["engine_variant"] = asyncio.run(
                 engine_section(
                     model_dir,
@@ -600,7 +674,6 @@ def main() -> None:
                     int(v_first),
                     deadline,
                     args.engine_compile_flow,
-                    float(v_hold[0]) if v_hold else 0.0,
                 )
             )
             save()
@@ -618,14 +691,24 @@ def main() -> None:
             gc.collect()
             save()
     if "server" in sections:
-        result["server"] = server_section(
-            model_dir,
-            args.server_levels,
-            args.server_rounds,
-            args.server_timeout,
-            args.engine_compile_flow,
-        )
-        save()
+        runs = [r for r in args.server_runs.split(";") if r] or ["server=" + str(ROOT / "sidecar")]
+        for spec in runs:
+            name, _, rest = spec.partition("=")
+            root, *settings = rest.split("+")
+            extra = dict(kv.split("=", 1) for kv in settings)
+            result[name] = server_section(
+                model_dir,
+                args.server_levels,
+                args.server_rounds,
+                args.server_timeout,
+                args.engine_compile_flow,
+                args.server_seconds,
+                Path(root) if root else ROOT / "sidecar",
+                extra,
+                name,
+                args.server_batch_streams,
+            )
+            save()
     if "baseline" in sections:
         result["baseline"] = asyncio.run(baseline_section(model_dir))
         save()
@@ -634,8 +717,7 @@ def main() -> None:
     rows = [("", lv) for lv in result.get("engine", {}).get("levels", [])]
     if "engine_variant" in result:
         v = result["engine_variant"]
-        tag = f"ref {v['reference_seconds']:g} s, first {v['first_chunk_size']}"
-        tag += f", hold {v['s3gen_hold_seconds']:g} s: " if v["s3gen_hold_seconds"] else ": "
+        tag = f"ref {v['reference_seconds']:g} s, first {v['first_chunk_size']}: "
         rows += [(tag, lv) for lv in v["levels"]]
     for tag, lv in rows:
         print(

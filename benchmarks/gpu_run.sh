@@ -1,56 +1,70 @@
 #!/usr/bin/env bash
-# The GPU measurement plan of issue 6, one device call per step (each fits the 10-minute limit).
+# The GPU measurement plan of issue 12, one device call per step (each fits the 10-minute limit).
 #
-# Here, once: build the wheels the H100 machine lacks into .whl/ (git-ignored), then carry it:
-#   ../shared/gpu/wheels.sh tokenizers loguru websockets==17.4 num2words pytest pytest-asyncio \
-#     pytest-timeout iniconfig pluggy && rm -f .whl/pipecat_chatterbox-*.whl
-# On the device machine (run's command, carry [".whl"]):
-#   bash benchmarks/gpu_run.sh probe   # CUDA tests, T3 cache buckets, S3Gen variants, batcher hold
-#   bash benchmarks/gpu_run.sh compile # T3 to the first chunk, S3Gen with the compiled flow
-#   bash benchmarks/gpu_run.sh final   # CUDA T3 tests, the issue's table (engine levels, server,
-#                                      # naive baseline), T3 cache buckets
-# Extra arguments go to the last gpu_bench.py call of the step. Logs and JSON land in $OUT.
+# Here, once, in a copy of this checkout inside the repository that `run` sends (a git-ignored
+# folder, e.g. /work/main/.gpu_wt12), build the wheels the GPU machine lacks into .whl/:
+#   bash ../shared/gpu/wheels.sh tokenizers loguru websockets==17.4 num2words prometheus-client \
+#     pytest pytest-asyncio pytest-timeout iniconfig pluggy && rm -f .whl/pipecat_chatterbox-*.whl
+# and, for the baseline, the sidecar of the commit to compare with:
+#   git archive 1edc6db sidecar | tar -x -C baseline
+# On the device machine (run's command, carry that folder):
+#   bash benchmarks/gpu_run.sh profile  # CUDA tests; server at 1/16/64 streams; profile 16 and 64
+#   bash benchmarks/gpu_run.sh table    # the issue's table: server levels, new engine and baseline
+# Extra arguments go to the server gpu_bench.py call. Logs and JSON land in $OUT.
 set -uo pipefail
-step=${1:?probe, compile or final}
+step=${1:?profile or table}
 shift
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD/sidecar:$PWD/plugin:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
-bench() {  # bench SECONDS NAME ARGS...: one gpu_bench.py run, its log and JSON under $OUT
+nvidia-smi --query-gpu=name,memory.used,memory.total,utilization.gpu --format=csv
+run() {  # run SECONDS NAME COMMAND...: its log under $OUT
   local seconds=$1 name=$2
   shift 2
   echo "=== $name ($(date +%T))"
-  timeout "$seconds" python3 benchmarks/gpu_bench.py --out "$OUT/$name.json" "$@" 2>&1 \
-    | grep -v "INFO\|Warn" | tee "$OUT/$name.log" | tail -30
+  timeout "$seconds" "$@" 2>&1 | grep -v "INFO\|Warn\|warn(" | tee "$OUT/$name.log" | tail -40
 }
 case "$step" in
-  probe)
-    echo "=== tests ($(date +%T))"
-    timeout 120 python3 -m pytest -q -p no:cacheprovider -x \
-      tests/chatterbox/test_t3_cuda.py tests/chatterbox/test_s3gen_batch.py 2>&1 \
-      | grep -v -i warn | tee "$OUT/tests.log" | tail -15
-    bench 100 t3 --sections t3
-    bench 190 s3gen --sections s3gen --s3gen-refs 4
-    bench 150 engine16 --sections engine --levels 1,16 --first-chunk 7 --budget-s 140 \
-      --variant 4:7:16:0.2 "$@"
+  profile)
+    run 100 tests python3 -m pytest -q -p no:cacheprovider -x tests/chatterbox/test_t3_cuda.py
+    run 230 server python3 benchmarks/gpu_bench.py --out "$OUT/server.json" --sections server \
+      --server-levels 1,16,64 --server-seconds 30 --server-timeout 200 "$@"
+    run 150 profile16 python3 benchmarks/load_profile.py --streams 16 --seconds 25 \
+      --profile-seconds 3 --out "$OUT/profile16.json"
+    run 150 profile64 python3 benchmarks/load_profile.py --streams 64 --seconds 25 \
+      --profile-seconds 2 --out "$OUT/profile64.json"
     ;;
-  final)
-    echo "=== tests ($(date +%T))"
-    timeout 90 python3 -m pytest -q -p no:cacheprovider -x tests/chatterbox/test_t3_cuda.py 2>&1 \
-      | grep -v -i warn | tee "$OUT/tests.log" | tail -15
-    bench 400 final --sections engine,server,baseline --server-levels 1,16,64 --budget-s 260 "$@"
-    bench 85 t3 --sections t3
+  profile-only)
+    run 150 profile16 python3 benchmarks/load_profile.py --streams 16 --seconds 15 \
+      --profile-seconds 2 --out "$OUT/profile16.json" "$@"
+    run 150 profile64 python3 benchmarks/load_profile.py --streams 64 --seconds 15 \
+      --profile-seconds 2 --out "$OUT/profile64.json" "$@"
     ;;
-  compile)
-    bench 90 t3 --sections t3 --t3-kv-buckets 256
-    bench 320 s3gen --sections s3gen --s3gen-refs 4 --compile-flow
-    bench 160 engine_compiled --sections engine --levels 1,16 --engine-compile-flow \
-      --budget-s 150 "$@"
+  check)  # the new engine: CUDA tests, server at 1/16/64 (30 s), batch mode, profile at 16
+    run 90 tests python3 -m pytest -q -p no:cacheprovider -x tests/chatterbox/test_s3gen_batch.py \
+      -k "cuda"
+    run 300 server python3 benchmarks/gpu_bench.py --out "$OUT/server.json" --sections server \
+      --server-levels 1,16,64 --server-seconds 30 --server-timeout 280 \
+      --server-batch-streams 32 "$@"
+    run 110 profile16 python3 benchmarks/load_profile.py --streams 16 --seconds 20 \
+      --profile-seconds 2 --out "$OUT/profile16.json"
+    ;;
+  final)  # what one last call can hold: the new engine at 1/16/32/64 streams x 35 s, batch mode
+    run 345 table python3 benchmarks/gpu_bench.py --out "$OUT/table.json" --sections server \
+      --server-levels 1,16,32,64 --server-seconds 35 --server-timeout 330 \
+      --server-batch-streams 32 "$@"
+    ;;
+  table)  # the issue's table: new engine 1/16/32/64 x 60 s + batch mode; baseline 16/64 x 30 s
+    run 420 table python3 benchmarks/gpu_bench.py --out "$OUT/table.json" --sections server \
+      --server-levels 1,16,32,64 --server-seconds 60 --server-timeout 400 \
+      --server-batch-streams 32 "$@"
+    run 150 baseline python3 benchmarks/gpu_bench.py --out "$OUT/baseline.json" \
+      --sections server --server-levels 16,64 --server-seconds 30 --server-timeout 140 \
+      --server-runs "baseline=$PWD/baseline/sidecar"
     ;;
   *)
-    echo "unknown step $step (probe or final)" >&2
+    echo "unknown step $step (profile or table)" >&2
     exit 2
     ;;
 esac

@@ -31,7 +31,7 @@ def chatterbox_model_dir(s3gen_model_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def s3gen_model(s3gen_model_dir: Path):
     """S3Gen loaded from the random checkpoint through the engine's loader."""
-    from chatterbox_sidecar.engines.chatterbox.s3gen_loader import load_s3gen
+    from chatterbox_sidecar.engines.chatterbox.s3gen.loader import load_s3gen
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     return load_s3gen(s3gen_model_dir / "s3gen.safetensors", "cpu")
@@ -40,6 +40,6 @@ def s3gen_model(s3gen_model_dir: Path):
 @pytest.fixture(scope="session")
 def voice_encoder(s3gen_model_dir: Path):
     """The voice encoder loaded from the random checkpoint."""
-    from chatterbox_sidecar.engines.chatterbox.s3gen_loader import load_voice_encoder
+    from chatterbox_sidecar.engines.chatterbox.s3gen.loader import load_voice_encoder
 
     return load_voice_encoder(s3gen_model_dir / "ve.safetensors", "cpu")

@@ -13,7 +13,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from chatterbox_sidecar.engines.chatterbox.t3_vllm import SPEECH_TOKEN_OFFSET, VllmApi
+from chatterbox_sidecar.engines.chatterbox.t3.vllm_backend import SPEECH_TOKEN_OFFSET, VllmApi
 
 FAKE_DELTA = "FAKE_DELTA"  # stands in for vllm.sampling_params.RequestOutputKind.DELTA
 

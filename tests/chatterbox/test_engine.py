@@ -20,9 +20,9 @@ from chatterbox_sidecar.engines.base import EngineError, SynthesisParams
 from chatterbox_sidecar.engines.chatterbox import ChatterboxEngine, ChatterboxEngineConfig
 from chatterbox_sidecar.engines.chatterbox import engine as engine_module
 from chatterbox_sidecar.engines.chatterbox.model_files import speech_token_budget
-from chatterbox_sidecar.engines.chatterbox.s3gen_stream import SAMPLES_PER_TOKEN
-from chatterbox_sidecar.engines.chatterbox.t3_backend import T3Backend, T3Request
-from chatterbox_sidecar.engines.chatterbox.t3_torch import TorchT3Backend
+from chatterbox_sidecar.engines.chatterbox.s3gen.stream import SAMPLES_PER_TOKEN
+from chatterbox_sidecar.engines.chatterbox.t3.backend import T3Backend, T3Request
+from chatterbox_sidecar.engines.chatterbox.t3.torch_backend import TorchT3Backend
 from chatterbox_sidecar.voices import VoiceStore, validate_reference_wav
 
 from .t3_checkpoint import write_scripted_model_dir
@@ -139,6 +139,17 @@ async def test_engine_info(engine):
     assert engine.info.native_sample_rate == 24_000
     assert engine.info.can_clone
     assert engine.info.max_segment_chars == 300
+    assert engine.info.capacity is None  # CPU: no calibration, no TTS_MAX_STREAMS
+
+
+async def test_capacity_given_is_reported_after_start(scripted_model_dir):
+    eng = ChatterboxEngine(engine_config(scripted_model_dir, max_streams=3))
+    assert eng.info.capacity is None  # known only once started
+    await eng.start()
+    try:
+        assert eng.info.capacity == 3
+    finally:
+        await eng.close()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -187,13 +198,13 @@ async def test_cancel_stops_generation_within_one_chunk(slow_engine, monkeypatch
     assert speech_token_budget(LONG_TEXT) > 700
     t3: RecordingT3 = engine._t3
     decoded: list[bool] = []
-    original = engine._decoder.decode_chunk
+    original = engine._decoder.decode_chunks
 
-    def counting(stream, finalize):
-        decoded.append(finalize)
-        return original(stream, finalize)
+    def counting(streams, finalize, hops=None):
+        decoded.extend(finalize)
+        return original(streams, finalize, hops)
 
-    monkeypatch.setattr(engine._decoder, "decode_chunk", counting)
+    monkeypatch.setattr(engine._decoder, "decode_chunks", counting)
     before = set(t3.ended)
     stream = engine.synthesize(segments(LONG_TEXT, LONG_TEXT), SynthesisParams(), None)
     first = await anext(stream)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from chatterbox_sidecar.engines.base import SynthesisParams
 from chatterbox_sidecar.engines.chatterbox import ChatterboxEngine
-from chatterbox_sidecar.engines.chatterbox.t3_torch import TorchT3Backend
+from chatterbox_sidecar.engines.chatterbox.t3.torch_backend import TorchT3Backend
 
 from .test_engine import collect, engine_config, scripted_model_dir, segments  # noqa: F401
 
@@ -29,7 +29,7 @@ async def test_concurrent_streams_share_s3gen_batches(scripted_model_dir):  # no
         streams = await asyncio.gather(
             *(collect(eng.synthesize(segments(TEXT), SynthesisParams(), None)) for _ in range(3))
         )
-        batcher = eng._batcher
+        batcher = eng._scheduler
         assert batcher.chunks >= 3 * 2  # every streamed chunk went through the batcher
         assert batcher.batches < batcher.chunks  # and some of them shared an S3Gen call
         for chunks in streams:

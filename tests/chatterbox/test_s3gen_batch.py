@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 from chatterbox_sidecar.engines.chatterbox.conditionals import VoiceConditionals, cap_reference
-from chatterbox_sidecar.engines.chatterbox.s3gen_graphs import bf16_estimator, fold_weight_norm
-from chatterbox_sidecar.engines.chatterbox.s3gen_stream import (
+from chatterbox_sidecar.engines.chatterbox.s3gen.graphs import bf16_estimator, fold_weight_norm
+from chatterbox_sidecar.engines.chatterbox.s3gen.stream import (
     Reference,
     S3GenStreamDecoder,
     StreamConfig,
@@ -145,7 +145,7 @@ def test_bf16_estimator_stays_close_to_fp32(s3gen_model):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graphs_match_eager(s3gen_model_dir):
-    from chatterbox_sidecar.engines.chatterbox.s3gen_loader import load_s3gen
+    from chatterbox_sidecar.engines.chatterbox.s3gen.loader import load_s3gen
 
     model = load_s3gen(s3gen_model_dir / "s3gen.safetensors", "cuda")
     refs, toks = references(s3gen_model_dir, "cuda"), token_lists()
@@ -159,12 +159,17 @@ def test_cuda_graphs_match_eager(s3gen_model_dir):
         assert len(x) == len(y)
         # Padded shapes pick other cuDNN/cuBLAS kernels (TF32 convolutions by default): the
         # same function up to rounding, which ~70 layers amplify to ~1e-3 here and there.
-        rel = np.sqrt(np.mean((y - x) ** 2) / np.mean(x**2))
+        # A final chunk is vocoded at a bucketed length (its last frame repeated), so the
+        # utterance's closing 0.2 s is compared separately, more loosely.
+        tail = 4800
+        rel = np.sqrt(np.mean((y[:-tail] - x[:-tail]) ** 2) / np.mean(x[:-tail] ** 2))
         assert rel < 1e-2
+        rel_tail = np.sqrt(np.mean((y[-tail:] - x[-tail:]) ** 2) / np.mean(x[-tail:] ** 2))
+        assert rel_tail < 0.2
 
 
 def test_sync_free_istft_matches_torch_istft(s3gen_model):
-    from chatterbox_sidecar.engines.chatterbox.s3gen_graphs import istft_without_sync
+    from chatterbox_sidecar.engines.chatterbox.s3gen.graphs import istft_without_sync
 
     hift = s3gen_model.mel2wav
     n_fft, hop = hift.istft_params["n_fft"], hift.istft_params["hop_len"]
@@ -178,7 +183,7 @@ def test_sync_free_istft_matches_torch_istft(s3gen_model):
 
 
 def test_sync_free_chunk_mask_matches_upstream():
-    from chatterbox_sidecar.engines.chatterbox.s3gen_graphs import patch_sync_free_masks
+    from chatterbox_sidecar.engines.chatterbox.s3gen.graphs import patch_sync_free_masks
     from chatterbox_vllm.models.s3gen import decoder
     from chatterbox_vllm.models.s3gen.utils.mask import add_optional_chunk_mask as upstream
 
@@ -192,3 +197,19 @@ def test_sync_free_chunk_mask_matches_upstream():
         [[True, False]],
         [[True, True]],
     ]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_precapture_covers_streaming_shapes(s3gen_model_dir):
+    """After precapture, streams decoded chunk by chunk (hops of the set) record no graph."""
+    from chatterbox_sidecar.engines.chatterbox.s3gen.loader import load_s3gen
+
+    model = load_s3gen(s3gen_model_dir / "s3gen.safetensors", "cuda")
+    refs, toks = references(s3gen_model_dir, "cuda"), token_lists()
+    graphed = S3GenStreamDecoder(model, CONFIG, cuda_graphs=True)
+    prompts = [r.prompt_token.shape[1] for r in refs]
+    assert graphed.precapture(4, max(prompts), min_prompt_tokens=min(prompts)) > 0
+    recorded = graphed.graphs.captures
+    decode_together(graphed, refs, toks)
+    assert graphed.graphs.captures == recorded
+    assert graphed.graphs.eager_calls == 0

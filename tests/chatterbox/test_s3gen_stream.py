@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from chatterbox_sidecar.engines.chatterbox.conditionals import VoiceConditionals
-from chatterbox_sidecar.engines.chatterbox.s3gen_stream import (
+from chatterbox_sidecar.engines.chatterbox.s3gen.stream import (
     MEL_CACHE_FRAMES,
     SAMPLES_PER_TOKEN,
     SOURCE_CACHE_SAMPLES,
@@ -86,11 +86,15 @@ def test_audio_length_is_960_samples_per_token(whole, streamed):
 
 
 def test_chunk_schedule(streamed):
-    # first chunk: 8 new tokens + 3 lookahead, minus the 8 frames held for the cross-fade
+    """Hops grow (8, 12, 24 new tokens here); the final chunk takes what is left (16)."""
+    hops = [CONFIG.hop_cap(k) for k in range(3)]
+    assert hops == [8, 12, 24] and sum(hops) + 48 + 3 > N_TOKENS  # the 4th hop never fills
+    # first chunk: 8 new tokens (+ 3 lookahead), minus the 8 frames held for the cross-fade
     assert len(streamed[0]) == 8 * SAMPLES_PER_TOKEN - SOURCE_CACHE_SAMPLES
-    # middle chunks: 12 tokens each, the held-back tail of the previous one paid out
-    assert all(len(c) == 12 * SAMPLES_PER_TOKEN for c in streamed[1:-1])
-    assert len(streamed) == 1 + (N_TOKENS - 8 - 3) // 12 + 1
+    # middle chunks: their hop, the held-back tail of the previous one paid out
+    assert [len(c) for c in streamed[1:-1]] == [h * SAMPLES_PER_TOKEN for h in hops[1:]]
+    final = (N_TOKENS - sum(hops)) * SAMPLES_PER_TOKEN + SOURCE_CACHE_SAMPLES
+    assert len(streamed[-1]) == final
 
 
 def test_decoding_is_deterministic(decoder, reference, tokens, whole):

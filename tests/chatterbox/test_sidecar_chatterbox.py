@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 import torch
 from chatterbox_sidecar.engines.chatterbox.model_files import speech_token_budget
-from chatterbox_sidecar.engines.chatterbox.s3gen_stream import SAMPLES_PER_TOKEN
+from chatterbox_sidecar.engines.chatterbox.s3gen.stream import SAMPLES_PER_TOKEN
 from chatterbox_sidecar.text import split_text
 
 from tests.client import TTSClient

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from chatterbox_sidecar.engines.chatterbox.t3_model import T3Model
-from chatterbox_sidecar.engines.chatterbox.t3_text import T3Tokenizer
-from chatterbox_sidecar.engines.chatterbox.t3_torch import T3BatchDecoder, TorchT3Backend
+from chatterbox_sidecar.engines.chatterbox.t3.model import T3Model
+from chatterbox_sidecar.engines.chatterbox.t3.text import T3Tokenizer
+from chatterbox_sidecar.engines.chatterbox.t3.torch_backend import T3BatchDecoder, TorchT3Backend
 
 from .t3_checkpoint import write_random_t3_checkpoint
 from .test_t3_torch import make_conds, reference_logits, request, run_decoder

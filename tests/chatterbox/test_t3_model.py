@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from chatterbox_sidecar.engines.chatterbox.t3_model import (
+from chatterbox_sidecar.engines.chatterbox.t3.model import (
     T3KVCache,
     T3Model,
     llama3_inv_freq,
 )
-from chatterbox_sidecar.engines.chatterbox.t3_text import T3Tokenizer, punc_norm
-from chatterbox_sidecar.engines.chatterbox.t3_torch import TorchT3Backend
+from chatterbox_sidecar.engines.chatterbox.t3.text import T3Tokenizer, punc_norm
+from chatterbox_sidecar.engines.chatterbox.t3.torch_backend import TorchT3Backend
 from safetensors.torch import load_file, save_file
 
 from .t3_checkpoint import write_random_t3_checkpoint

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from chatterbox_sidecar.engines.chatterbox import t3_sampling
+from chatterbox_sidecar.engines.chatterbox.t3 import sampling as t3_sampling
 
 pytestmark = pytest.mark.torch
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.utils._pytree as pytree
-from chatterbox_sidecar.engines.chatterbox.t3_backend import T3Request
-from chatterbox_sidecar.engines.chatterbox.t3_model import T3Model
-from chatterbox_sidecar.engines.chatterbox.t3_text import T3Tokenizer
-from chatterbox_sidecar.engines.chatterbox.t3_torch import T3BatchDecoder, TorchT3Backend
+from chatterbox_sidecar.engines.chatterbox.t3.backend import T3Request
+from chatterbox_sidecar.engines.chatterbox.t3.model import T3Model
+from chatterbox_sidecar.engines.chatterbox.t3.text import T3Tokenizer
+from chatterbox_sidecar.engines.chatterbox.t3.torch_backend import T3BatchDecoder, TorchT3Backend
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from chatterbox_sidecar.engines.chatterbox.t3_backend import T3Request
-from chatterbox_sidecar.engines.chatterbox.t3_model import T3Model
-from chatterbox_sidecar.engines.chatterbox.t3_vllm import VllmT3Backend
+from chatterbox_sidecar.engines.chatterbox.t3.backend import T3Request
+from chatterbox_sidecar.engines.chatterbox.t3.model import T3Model
+from chatterbox_sidecar.engines.chatterbox.t3.vllm_backend import VllmT3Backend
 
 from .fake_vllm import FAKE_DELTA, fake_vllm_api
 from .t3_checkpoint import write_random_t3_checkpoint

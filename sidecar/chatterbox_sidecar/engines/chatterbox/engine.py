@@ -2,9 +2,15 @@
 
 For each text piece of a context the engine sends one request to the T3 backend (``vllm`` or
 ``torch``) with a speech-token budget that follows the piece's length, feeds the tokens as they
-arrive into a :class:`~.s3gen_stream.StreamState` and yields 24 kHz audio chunk by chunk
+arrive into a :class:`~.s3gen.stream.StreamState` and yields 24 kHz audio chunk by chunk
 (``streaming=True``). In batch mode (``streaming=False``) every piece of the text is generated
-at once and each is decoded whole, in order.
+at once and each is decoded whole, batched with other contexts' pieces.
+
+Scheduling (``scheduler``): each stream knows when its listener runs dry (playback is taken to
+start at its first chunk). It asks for a chunk when a full hop of tokens waits (hops grow
+7 -> 25 -> 50 -> 100 tokens), or earlier, with a smaller hop, once the time left before it
+runs dry comes within the scheduler's expected turnaround plus ``urgency_margin``. S3Gen
+serves the earliest deadline first; first chunks take a lane of their own.
 
 S3Gen (and the voice conditioning) run in worker threads, never on the event loop. Closing the
 audio iterator aborts the T3 request; at most the chunk being decoded is finished first.
@@ -13,6 +19,8 @@ audio iterator aborts the T3 request; at most the chunk being decoded is finishe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,14 +44,16 @@ from chatterbox_sidecar.engines.chatterbox.conditionals import (
     cap_reference,
     compute_conditionals_from_file,
 )
-from chatterbox_sidecar.engines.chatterbox.s3gen_stream import (
+from chatterbox_sidecar.engines.chatterbox.s3gen.stream import (
+    LOOKAHEAD_TOKENS,
     SAMPLE_RATE,
     Reference,
     S3GenStreamDecoder,
     StreamConfig,
     StreamState,
 )
-from chatterbox_sidecar.engines.chatterbox.t3_backend import T3Backend, T3Request
+from chatterbox_sidecar.engines.chatterbox.scheduler import ChunkScheduler
+from chatterbox_sidecar.engines.chatterbox.t3.backend import T3Backend, T3Request
 from chatterbox_sidecar.text import split_text
 from chatterbox_sidecar.voices import Voice
 
@@ -54,6 +64,10 @@ CONDS_FILE = "conds.pt"
 # chunk by ~6 ms (benchmarks/NOTES.md). The speaker embedding still comes from the whole clip;
 # the effect on voice similarity is unmeasured (random weights): set 10 for upstream behaviour.
 CUDA_REFERENCE_SECONDS = 4.0
+# Most chunks in one fast-lane batch, and the largest chunk (new tokens) an urgent stream
+# takes there (first chunks always go there).
+FAST_MAX_BATCH = 16
+FAST_MAX_TOKENS = 28
 
 
 @dataclass(frozen=True)
@@ -75,12 +89,20 @@ class ChatterboxEngineConfig:
         compile_flow: ``torch.compile`` S3Gen's flow estimator (CUDA only; experimental: on
             an H100 machine the compile had not finished after 320 s, and its speed-up is
             unmeasured).
-        s3gen_max_batch: Most streams whose chunks share one S3Gen call.
-        s3gen_hold_seconds: Longest a chunk whose stream has audio in hand waits for other
-            chunks to share its S3Gen call (0: never; see ``_ChunkBatcher``). On an H100 a
-            0.2 s hold raised throughput at 64 streams but made time to first audio worse at
-            16 and 64 (BENCHMARKS.md), hence off.
-        chunk_size: New speech tokens per streamed chunk (``TTS_CHUNK_SIZE``).
+        s3gen_max_batch: Most streams whose chunks share one S3Gen call (bulk lane).
+        fast_lane: Decode first chunks in a lane of their own (a second S3Gen decoder with its
+            own thread, CUDA graphs and high-priority CUDA stream), so that they never wait
+            behind a long batch (None: on CUDA).
+        urgency_margin: Seconds of audio a stream keeps in hand beyond the scheduler's
+            expected turnaround before it asks for a smaller hop than its schedule's.
+        max_streams: Streams the engine keeps gap-free (its ``info.capacity``); None
+            calibrates on CUDA at start (see ``_calibrate``) and leaves it unknown on CPU.
+        gpu_share: Share of GPU time the calibration's cost model lets the streams' work take
+            (calibrated against what an H200 kept gap-free; see ``_calibrate``).
+        chunk_size: New speech tokens of the second chunk (``TTS_CHUNK_SIZE``); later hops
+            double up to ``max_chunk_size``.
+        max_chunk_size: Largest hop (fewer context and prompt frames re-decoded per second of
+            audio).
         first_chunk_size: New tokens of the first chunk (smaller: earlier first audio; >= 7).
         context_window: Tokens of left context per chunk (``TTS_CONTEXT_WINDOW``).
         flow_steps: S3Gen flow-matching steps (upstream ``n_cfm_timesteps``: 10).
@@ -112,8 +134,14 @@ class ChatterboxEngineConfig:
     cuda_graphs: bool | None = None
     compile_flow: bool = False
     s3gen_max_batch: int = 64
-    s3gen_hold_seconds: float = 0.0
+    fast_lane: bool | None = None
+    urgency_margin: float = 0.3
+    max_streams: int | None = None
+    # Between what the model predicts for the measured gap-free level on an H200 (1 stream:
+    # 0.12) and for the first level measured with gaps (16 streams: 0.23); BENCHMARKS.md.
+    gpu_share: float = 0.15
     chunk_size: int = 25
+    max_chunk_size: int = 100
     first_chunk_size: int = 7
     context_window: int = 50
     flow_steps: int = 10
@@ -150,6 +178,7 @@ class ChatterboxEngineConfig:
             first_chunk_size=self.first_chunk_size,
             context_window=self.context_window,
             flow_steps=self.flow_steps,
+            max_chunk_size=self.max_chunk_size,
         )
 
 
@@ -171,133 +200,15 @@ class _TokenPump:
 
 
 @dataclass
-class _Waiting:
-    """A chunk waiting for the next S3Gen batch."""
+class _Playback:
+    """A context's listener: when playback started and how much audio it was given."""
 
-    stream: StreamState
-    finalize: bool
-    future: asyncio.Future
-    release: float  # loop time by which its batch must start
+    started: float | None = None  # loop time of the first chunk
+    emitted: float = 0.0  # seconds of audio yielded
 
-
-class _ChunkBatcher:
-    """Gathers the chunks that streams want decoded; S3Gen decodes whatever is ready together.
-
-    Every stream awaits :meth:`decode`. One drain task hands the waiting requests to the S3Gen
-    worker as one batch (rows = streams), so while the worker is busy the next batch fills up by
-    itself. A single request goes through ``decoder.decode_chunk``.
-
-    With ``hold_seconds`` > 0, a chunk whose stream has audio in hand (``slack``) may wait up to
-    that long, never closer than ``slack_margin`` to running dry, for other chunks to share its
-    batch; a batch starts as soon as one member must, or when it is full. Bigger batches cost
-    less GPU per chunk; streams with no audio yet (first chunks) never wait.
-
-    Args:
-        decoder: The S3Gen decoder.
-        run: Runs a function in the S3Gen worker thread (``ChatterboxEngine._in_s3``).
-        max_batch: Most chunks per batch.
-        hold_seconds: Longest a chunk with slack waits for company (0: never).
-        slack_margin: Audio a stream keeps in hand while its chunk waits, in seconds.
-    """
-
-    def __init__(
-        self,
-        decoder: S3GenStreamDecoder,
-        run: Callable[..., Any],
-        max_batch: int,
-        hold_seconds: float = 0.0,
-        slack_margin: float = 0.3,
-    ):
-        self._decoder = decoder
-        self._run = run
-        self._max_batch = max(1, max_batch)
-        self._hold = max(0.0, hold_seconds)
-        self._margin = slack_margin
-        self._waiting: list[_Waiting] = []
-        self._arrived = asyncio.Event()
-        self._drain_task: asyncio.Task | None = None
-        self.batches = 0
-        self.chunks = 0
-        self.held = 0  # batches that waited for company
-
-    async def decode(self, stream: StreamState, finalize: bool, slack: float = 0.0) -> np.ndarray:
-        """Decode ``stream``'s next chunk in the next batch.
-
-        Args:
-            stream: The stream (ready, or finalizing).
-            finalize: Whether its utterance is complete.
-            slack: Seconds of audio its listener has in hand (0: none yet, decode at once).
-
-        Returns:
-            The new audio (float32, 24 kHz).
-        """
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        wait = max(0.0, min(self._hold, slack - self._margin))
-        self._waiting.append(_Waiting(stream, finalize, future, loop.time() + wait))
-        self._arrived.set()
-        if self._drain_task is None or self._drain_task.done():
-            self._drain_task = asyncio.create_task(self._drain(), name="s3gen-batcher")
-        return await future
-
-    async def _drain(self) -> None:
-        while self._waiting:
-            if self._hold > 0 and await self._wait_for_company():
-                self.held += 1
-            batch = [w for w in self._waiting[: self._max_batch] if not w.future.done()]
-            del self._waiting[: self._max_batch]
-            if not batch:
-                continue
-            streams = [w.stream for w in batch]
-            finals = [w.finalize for w in batch]
-            try:
-                if len(batch) == 1:
-                    audios = [await self._run(self._decoder.decode_chunk, streams[0], finals[0])]
-                else:
-                    audios = await self._run(self._decoder.decode_chunks, streams, finals)
-            except asyncio.CancelledError:
-                for w in batch:
-                    w.future.cancel()
-                raise
-            except Exception as e:  # noqa: BLE001 - every stream of the batch hears of it
-                for w in batch:
-                    if not w.future.done():
-                        w.future.set_exception(e)
-                continue
-            self.batches += 1
-            self.chunks += len(batch)
-            for w, audio in zip(batch, audios, strict=True):
-                if not w.future.done():
-                    w.future.set_result(audio)
-
-    async def _wait_for_company(self) -> bool:
-        """Wait while the batch is not full and no waiting chunk must start; True if waited."""
-        loop = asyncio.get_running_loop()
-        waited = False
-        while True:
-            live = [w for w in self._waiting if not w.future.done()]
-            if not live or len(live) >= self._max_batch:
-                return waited
-            delay = min(w.release for w in live) - loop.time()
-            if delay <= 0:
-                return waited
-            self._arrived.clear()
-            waited = True
-            try:
-                await asyncio.wait_for(self._arrived.wait(), delay)
-            except TimeoutError:
-                return waited
-
-    async def close(self) -> None:
-        """Stop the drain task; waiting streams are cancelled."""
-        task, self._drain_task = self._drain_task, None
-        if task is not None and not task.done():
-            task.cancel()
-            with suppress(asyncio.CancelledError, Exception):
-                await task
-        for w in self._waiting:
-            w.future.cancel()
-        self._waiting.clear()
+    def dry_at(self, asked_at: float) -> float:
+        """Loop time at which the listener runs out of audio (``asked_at`` before any)."""
+        return asked_at if self.started is None else self.started + self.emitted
 
 
 class ChatterboxEngine(Engine):
@@ -322,12 +233,15 @@ class ChatterboxEngine(Engine):
         )
         self._t3: T3Backend | None = t3_backend
         self._s3_executor = ThreadPoolExecutor(1, thread_name_prefix="s3gen")
+        self._fast_executor = ThreadPoolExecutor(1, thread_name_prefix="s3gen-fast")
         self._voice_executor = ThreadPoolExecutor(1, thread_name_prefix="voice-conds")
         self._model_dir: Path | None = None
         self._s3gen: Any = None
         self._ve: Any = None
         self._decoder: S3GenStreamDecoder | None = None
-        self._batcher: _ChunkBatcher | None = None
+        self._fast_decoder: S3GenStreamDecoder | None = None
+        self._scheduler: ChunkScheduler | None = None
+        self.calibration: dict = {}
         self._default: _CachedVoice | None = None
         self._voices: dict[str, _CachedVoice] = {}
         self._voice_locks: dict[str, asyncio.Lock] = {}
@@ -349,21 +263,27 @@ class ChatterboxEngine(Engine):
             if cfg.warmup:
                 assert self._default is not None
                 await self._in_s3(self._warm_up, self._default.reference)
+            capacity = cfg.max_streams
+            if capacity is None and cfg.on_cuda and self._decoder.cuda_graphs:
+                capacity = await self._in_s3(self._calibrate)
+            self.info = dataclasses.replace(self.info, capacity=capacity)
         except EngineError:
             raise
         except Exception as e:
             raise EngineError(f"chatterbox engine failed to start: {e}") from e
         logger.info(
-            f"{self}: ready on {cfg.device} (T3 {type(self._t3).__name__}, chunks "
-            f"{cfg.first_chunk_size}/{cfg.chunk_size} tokens, context {cfg.context_window}, "
+            f"{self}: ready on {cfg.device} (T3 {type(self._t3).__name__}, hops "
+            f"{'/'.join(map(str, self._stream_config.hops()))} tokens, "
+            f"context {cfg.context_window}, "
             f"{cfg.flow_steps} flow steps, reference <= {cfg.resolved_reference_seconds():g} s, "
-            f"S3Gen graphs {self._decoder.cuda_graphs}, flow {self._decoder.flow_dtype})"
+            f"S3Gen graphs {self._decoder.cuda_graphs}, flow {self._decoder.flow_dtype}, "
+            f"fast lane {self._fast_decoder is not None}, capacity {self.info.capacity})"
         )
 
     def _load_s3gen(self) -> None:
         import torch
 
-        from chatterbox_sidecar.engines.chatterbox.s3gen_loader import (
+        from chatterbox_sidecar.engines.chatterbox.s3gen.loader import (
             S3GEN_FILE,
             VE_FILE,
             load_s3gen,
@@ -377,18 +297,29 @@ class ChatterboxEngine(Engine):
         flow_dtype = self.config.flow_dtype or (
             "bfloat16" if self.config.on_cuda else self.config.s3gen_dtype
         )
-        self._decoder = S3GenStreamDecoder(
-            self._s3gen,
-            self._stream_config,
-            cuda_graphs=self.config.cuda_graphs,
-            flow_dtype=getattr(torch, flow_dtype),
-            compile_flow=self.config.compile_flow and self.config.on_cuda,
-        )
-        self._batcher = _ChunkBatcher(
+
+        def decoder(priority: int) -> S3GenStreamDecoder:
+            return S3GenStreamDecoder(
+                self._s3gen,
+                self._stream_config,
+                cuda_graphs=self.config.cuda_graphs,
+                flow_dtype=getattr(torch, flow_dtype),
+                compile_flow=self.config.compile_flow and self.config.on_cuda,
+                stream_priority=priority,
+            )
+
+        self._decoder = decoder(0)
+        fast = self.config.fast_lane
+        if fast if fast is not None else self.config.on_cuda:
+            self._fast_decoder = decoder(-1)
+        self._scheduler = ChunkScheduler(
             self._decoder,
             self._in_s3,
-            self.config.s3gen_max_batch,
-            hold_seconds=self.config.s3gen_hold_seconds,
+            fast=self._fast_decoder,
+            run_fast=self._in_fast,
+            max_batch=self.config.s3gen_max_batch,
+            fast_max_batch=FAST_MAX_BATCH,
+            fast_max_tokens=FAST_MAX_TOKENS,
         )
         conds = VoiceConditionals.load(self._model_dir / CONDS_FILE)
         self._default = _CachedVoice("", conds, self._reference(conds))
@@ -403,14 +334,88 @@ class ChatterboxEngine(Engine):
         self._decoder.decode_whole(reference, range(10))
         if not self._decoder.cuda_graphs:
             return
-        cfg = self._stream_config
-        tokens = cfg.first_chunk_size + 4 * cfg.chunk_size + cfg.context_window + 3
-        for _ in range(2):  # a shape is recorded at its second use (GraphCache.min_uses)
-            stream = self._decoder.new_stream(reference)
-            stream.push(range(100, 100 + tokens))
-            while stream.ready(cfg):
-                self._decoder.decode_chunk(stream, False)
-            self._decoder.decode_chunk(stream, True)
+        cfg = self.config
+        prompt = round(cfg.resolved_reference_seconds() * 25)
+        started = time.perf_counter()
+        graphs = self._decoder.precapture(cfg.s3gen_max_batch, prompt)
+        if self._fast_decoder is not None:
+            first = cfg.first_chunk_size
+            graphs += self._fast_decoder.precapture(
+                FAST_MAX_BATCH,
+                prompt,
+                hops=(first, cfg.chunk_size),
+                final_tokens=FAST_MAX_TOKENS,
+            )
+        logger.info(
+            f"{self}: recorded {graphs} S3Gen CUDA graphs in {time.perf_counter() - started:.1f} s"
+        )
+
+    def _calibrate(self) -> int:
+        """Streams this GPU keeps gap-free, from timings taken here at start.
+
+        Times a bulk S3Gen batch of full-hop chunks at 16, 32 and 64 rows and the T3 step at
+        the same counts, turns them into GPU seconds per second of audio for N streams
+        speaking short replies (the hop schedule of a 150-token reply, prompt and context
+        included), and returns the largest N whose total stays within ``gpu_share``.
+
+        The model counts GPU work only; what it leaves out (two lanes and T3 sharing the GPU,
+        T3 decoding ahead of need, prefill bursts) is folded into ``gpu_share``, which was set
+        from the H200 measurements of issue 12 (one stream gap-free at a modelled 0.12 of the
+        GPU, 16 streams not at 0.23): it gives 4 streams there, a level not yet measured.
+        """
+        import torch
+
+        assert self._decoder is not None and self._default is not None
+        cfg, scfg = self.config, self._stream_config
+        decoder, ref = self._decoder, self._default.reference
+        prompt = ref.prompt_token.shape[1]
+        hop = scfg.max_chunk_size
+        # frame-rows of S3Gen work per 150-token reply under the hop schedule
+        played, k, frames = 0, 0, 0
+        while played < 150:
+            h = min(scfg.hop_cap(k), 150 - played)
+            frames += 2 * (prompt + min(scfg.context_window, played) + h + LOOKAHEAD_TOKENS)
+            played, k = played + h, k + 1
+        frames_per_audio_s = frames / (150 / 25)
+        result: dict = {"frames_per_audio_s": round(frames_per_audio_s, 1)}
+        costs = {}
+        for rows in (16, 32, 64):
+            rows = min(rows, cfg.s3gen_max_batch)
+            streams = []
+            for _ in range(rows):
+                st = decoder.new_stream(ref)
+                st.push(range(200, 200 + scfg.context_window + hop + LOOKAHEAD_TOKENS + 1))
+                st.played_tokens, st.chunks_decoded = scfg.context_window, 3
+                st.mel_cache = torch.zeros(1, 80, 8, device=decoder.device)
+                st.source_cache = torch.zeros(1, 1, 3840, device=decoder.device)
+                st.speech_tail = torch.zeros(1, 3840, device=decoder.device)
+                st.phase = torch.zeros(1, 9, device=decoder.device)
+                streams.append(st)
+            times = []
+            for _ in range(3):
+                for st in streams:
+                    st.played_tokens, st.finished = scfg.context_window, False
+                started = time.perf_counter()
+                decoder.decode_chunks(streams, [False] * rows, [hop] * rows)
+                times.append(time.perf_counter() - started)
+            row_frames = rows * 2 * (prompt + scfg.context_window + hop + LOOKAHEAD_TOKENS)
+            costs[rows] = sorted(times)[1] / row_frames
+        step = getattr(self._t3, "time_step", None)
+        t3 = {rows: (step(rows) if step else None) or 0.0 for rows in costs}
+        capacity = 1
+        for n in range(1, 257):
+            rows = min(costs, key=lambda r: abs(r - n))
+            gpu = n * frames_per_audio_s * costs[rows] + 25 * t3[rows]
+            if gpu <= cfg.gpu_share:
+                capacity = n
+        result.update(
+            s3gen_us_per_row_frame={r: round(1e6 * c, 3) for r, c in costs.items()},
+            t3_step_ms={r: round(1000 * t, 2) for r, t in t3.items()},
+            capacity=capacity,
+        )
+        self.calibration = result
+        logger.info(f"{self}: calibration {result}")
+        return capacity
 
     def _make_t3_backend(self, model_dir: Path) -> T3Backend:
         cfg = self.config
@@ -422,7 +427,7 @@ class ChatterboxEngine(Engine):
             kind = "torch"
         if kind == "vllm":
             from chatterbox_sidecar.engines.chatterbox.model_files import max_model_len
-            from chatterbox_sidecar.engines.chatterbox.t3_vllm import VllmT3Backend
+            from chatterbox_sidecar.engines.chatterbox.t3.vllm_backend import VllmT3Backend
 
             t3_model_dir = cfg.t3_model_dir or (
                 Path.home() / ".cache" / "pipecat-chatterbox" / "t3-model"
@@ -438,7 +443,7 @@ class ChatterboxEngine(Engine):
                 cfg_scale=cfg.cfg_scale,
             )
         if kind == "torch":
-            from chatterbox_sidecar.engines.chatterbox.t3_torch import TorchT3Backend
+            from chatterbox_sidecar.engines.chatterbox.t3.torch_backend import TorchT3Backend
 
             return TorchT3Backend(
                 model_dir,
@@ -453,9 +458,10 @@ class ChatterboxEngine(Engine):
         if self._t3 is not None:
             with suppress(Exception):
                 await self._t3.close()
-        if self._batcher is not None:
-            await self._batcher.close()
+        if self._scheduler is not None:
+            await self._scheduler.close()
         self._s3_executor.shutdown(wait=False, cancel_futures=True)
+        self._fast_executor.shutdown(wait=False, cancel_futures=True)
         self._voice_executor.shutdown(wait=False, cancel_futures=True)
 
     # ---- voices ----------------------------------------------------------------------
@@ -536,12 +542,14 @@ class ChatterboxEngine(Engine):
         context = f"ctx{self._requests}-{uuid.uuid4().hex[:8]}"
         if params.streaming:
             index = 0
+            playback = _Playback()
             async for segment in segments:
                 for piece in self._pieces(segment):
                     request = self._request(f"{context}-{index}", piece, cached, params)
                     index += 1
                     # aclosing: T3 is aborted when our consumer stops, not at garbage collection
-                    async with aclosing(self._stream_piece(request, cached.reference)) as audios:
+                    pieces = self._stream_piece(request, cached.reference, playback)
+                    async with aclosing(pieces) as audios:
                         async for audio in audios:
                             yield audio
         else:
@@ -578,35 +586,46 @@ class ChatterboxEngine(Engine):
         )
 
     async def _stream_piece(
-        self, request: T3Request, reference: Reference
+        self, request: T3Request, reference: Reference, playback: _Playback
     ) -> AsyncIterator[np.ndarray]:
-        assert self._t3 is not None and self._decoder is not None and self._batcher is not None
-        decoder, cfg, batcher = self._decoder, self._stream_config, self._batcher
+        assert self._t3 is not None and self._decoder is not None and self._scheduler is not None
+        decoder, cfg, scheduler = self._decoder, self._stream_config, self._scheduler
         stream = decoder.new_stream(reference)
         pump = _TokenPump()
         task = asyncio.create_task(self._pump(request, pump), name=f"t3-{request.request_id}")
         loop = asyncio.get_running_loop()
-        played_from: float | None = None  # when the listener's playback is taken to start
-        emitted = 0.0  # seconds of audio yielded
+        asked_at = loop.time()
+        margin = self.config.urgency_margin
         try:
             while not stream.finished:
                 stream.push(pump.buffer)
                 pump.buffer.clear()
                 if pump.error is not None:
                     raise EngineError(f"T3 failed: {pump.error}") from pump.error
-                slack = 0.0 if played_from is None else played_from + emitted - loop.time()
-                if stream.ready(cfg):
-                    audio = await batcher.decode(stream, False, slack)
-                elif pump.done:
-                    audio = await batcher.decode(stream, True, slack)
+                deadline = playback.dry_at(asked_at)
+                if pump.done:
+                    audio = await scheduler.decode(stream, True, deadline)
                 else:
-                    pump.changed.clear()
-                    await pump.changed.wait()
-                    continue
+                    wake: float | None = None
+                    if stream.chunks_decoded == 0:
+                        # The first chunk of a piece: its first hop as soon as it is there.
+                        first = cfg.first_chunk_size
+                        hop = first if stream.pending >= first + LOOKAHEAD_TOKENS else None
+                    else:
+                        lead = scheduler.lead_time() + margin
+                        left = deadline - loop.time()
+                        hop = stream.hop(cfg, urgent=left <= lead)
+                        wake = max(0.005, left - lead)
+                    if hop is None:
+                        pump.changed.clear()
+                        with suppress(TimeoutError):
+                            await asyncio.wait_for(pump.changed.wait(), wake)
+                        continue
+                    audio = await scheduler.decode(stream, False, deadline, hop)
                 if len(audio):
-                    if played_from is None:
-                        played_from = loop.time()
-                    emitted += len(audio) / SAMPLE_RATE
+                    if playback.started is None:
+                        playback.started = loop.time()
+                    playback.emitted += len(audio) / SAMPLE_RATE
                     yield audio
         finally:
             if not task.done():
@@ -636,17 +655,19 @@ class ChatterboxEngine(Engine):
     async def _batch(
         self, context: str, pieces: list[str], cached: _CachedVoice, params: SynthesisParams
     ) -> AsyncIterator[np.ndarray]:
-        assert self._decoder is not None
-        tasks = [
-            asyncio.create_task(
-                self._collect(self._request(f"{context}-{i}", piece, cached, params))
-            )
-            for i, piece in enumerate(pieces)
-        ]
+        assert self._scheduler is not None
+        scheduler = self._scheduler
+
+        async def piece_audio(i: int, piece: str) -> np.ndarray:
+            tokens = await self._collect(self._request(f"{context}-{i}", piece, cached, params))
+            return await scheduler.decode_whole(cached.reference, tokens)
+
+        # Every piece generates and decodes at once (S3Gen batches them with other contexts'
+        # pieces); the audio goes out in order.
+        tasks = [asyncio.create_task(piece_audio(i, p)) for i, p in enumerate(pieces)]
         try:
             for task in tasks:
-                tokens = await task
-                audio = await self._in_s3(self._decoder.decode_whole, cached.reference, tokens)
+                audio = await task
                 if len(audio):
                     yield audio
         finally:
@@ -677,6 +698,10 @@ class ChatterboxEngine(Engine):
     async def _in_s3(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._s3_executor, fn, *args)
+
+    async def _in_fast(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._fast_executor, fn, *args)
 
     async def _in_voice_thread(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()

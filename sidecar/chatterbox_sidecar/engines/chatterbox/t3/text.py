@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from chatterbox_sidecar.engines.chatterbox.t3_model import START_TEXT_TOKEN, STOP_TEXT_TOKEN
+from chatterbox_sidecar.engines.chatterbox.t3.model import START_TEXT_TOKEN, STOP_TEXT_TOKEN
 
 _REPLACEMENTS = (
     ("...", ", "),

@@ -8,7 +8,7 @@ Two layers:
   :meth:`~T3BatchDecoder.remove`. Each request holds one KV-cache slot for its conditional row
   and, when guidance is on, one for its unconditional row, so both branches keep their context.
 - :class:`TorchT3Backend`: runs the decoder in a background thread; requests and cancellations
-  arrive through a locked inbox, tokens leave through :class:`~.t3_stream.TokenStream`.
+  arrive through a locked inbox, tokens leave through :class:`~.stream.TokenStream`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import secrets
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,17 +27,17 @@ import torch
 from loguru import logger
 from torch import Tensor
 
-from chatterbox_sidecar.engines.chatterbox import t3_sampling
-from chatterbox_sidecar.engines.chatterbox.t3_backend import T3Backend, T3Request
-from chatterbox_sidecar.engines.chatterbox.t3_model import (
+from chatterbox_sidecar.engines.chatterbox.t3 import sampling as t3_sampling
+from chatterbox_sidecar.engines.chatterbox.t3.backend import T3Backend, T3Request
+from chatterbox_sidecar.engines.chatterbox.t3.model import (
     SPEECH_VOCAB_VALID,
     START_SPEECH_TOKEN,
     STOP_SPEECH_TOKEN,
     T3KVCache,
     T3Model,
 )
-from chatterbox_sidecar.engines.chatterbox.t3_stream import TokenStream
-from chatterbox_sidecar.engines.chatterbox.t3_text import T3Tokenizer
+from chatterbox_sidecar.engines.chatterbox.t3.stream import TokenStream
+from chatterbox_sidecar.engines.chatterbox.t3.text import T3Tokenizer
 
 _DTYPES = {
     "float32": torch.float32,
@@ -188,7 +189,7 @@ class T3BatchDecoder:
         """Prefill several requests in one backbone pass and sample their first tokens.
 
         Prompts of different lengths share the pass right-padded (see
-        :meth:`~.t3_model.T3Model.prefill`); each request samples exactly as if added alone.
+        :meth:`~.model.T3Model.prefill`); each request samples exactly as if added alone.
 
         Args:
             requests: The new requests.
@@ -528,6 +529,33 @@ class TorchT3Backend(T3Backend):
         )
         return decoder
 
+    def time_step(self, requests: int, kv_len: int = 512, repeats: int = 5) -> float | None:
+        """Seconds one decode step takes for ``requests`` guided requests (CUDA graphs only).
+
+        Replays the captured graph on zero inputs, as capturing did; only while no request
+        is active (the engine calls it at start, for its capacity calibration).
+
+        Returns:
+            The median step time, or None without graphs or while requests run.
+        """
+        decoder = self.decoder
+        if decoder is None or not decoder.graph_keys or decoder.active_ids:
+            return None
+        rows = min(2 * requests, decoder.cache.n_slots)
+        graph = decoder._graph_for(rows, kv_len)
+        if graph is None:
+            return None
+        device = decoder.model.device
+        inputs = torch.zeros(3, rows, dtype=torch.long, device=device)
+        times = []
+        with torch.inference_mode():
+            for _ in range(repeats + 1):
+                started = time.perf_counter()
+                graph.run(inputs)
+                torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - started)
+        return sorted(times[1:])[len(times[1:]) // 2]
+
     def generate(self, request: T3Request) -> TokenStream:
         """Queue ``request``; its tokens stream out as they are sampled (see T3Backend)."""
         if self._thread is None or self._stopping:
@@ -574,8 +602,9 @@ class TorchT3Backend(T3Backend):
         decoder = self.decoder
         assert decoder is not None
         device = decoder.model.device
-        # Own CUDA stream: T3 steps do not queue behind S3Gen work on the default stream.
-        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # Own CUDA stream, high priority: T3 steps do not queue behind S3Gen work, and the
+        # GPU schedules their blocks ahead of a long S3Gen batch's.
+        stream = torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
         on_stream = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with torch.inference_mode(), on_stream:
             while True:

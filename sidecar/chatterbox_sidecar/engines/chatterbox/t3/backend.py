@@ -1,7 +1,7 @@
 """The T3 backend interface: text and voice conditioning in, speech tokens out, streamed.
 
-Two backends implement it: ``torch`` (our own inference, :mod:`.t3_torch`) and ``vllm``
-(chatterbox-vllm on vLLM, :mod:`.t3_vllm`). The engine talks to this interface only.
+Two backends implement it: ``torch`` (our own inference, :mod:`.torch_backend`) and ``vllm``
+(chatterbox-vllm on vLLM, :mod:`.vllm_backend`). The engine talks to this interface only.
 """
 
 from __future__ import annotations

@@ -192,7 +192,7 @@ class GraphCache:
         min_uses: Calls with a key before it is recorded.
     """
 
-    def __init__(self, enabled: bool, max_graphs: int = 512, min_uses: int = 2):
+    def __init__(self, enabled: bool, max_graphs: int = 2048, min_uses: int = 2):
         self.enabled = enabled
         self.max_graphs = max_graphs
         self.min_uses = min_uses

@@ -22,7 +22,7 @@ Design: per-utterance state lives in :class:`StreamState`; :class:`S3GenStreamDe
 the model and decodes chunks. ``decode_chunks`` decodes several streams' chunks together: one
 flow call per Euler step for all of them (rows = streams), the encoder per group of equal token
 count, the vocoder per group of equal mel length. On CUDA those calls replay CUDA graphs and the
-flow estimator runs in bfloat16 (see ``s3gen_graphs``).
+flow estimator runs in bfloat16 (see ``graphs``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from chatterbox_sidecar.engines.chatterbox.s3gen_graphs import (
+from chatterbox_sidecar.engines.chatterbox.s3gen.graphs import (
     GraphCache,
     bf16_estimator,
     bucket,
@@ -55,7 +55,17 @@ LOOKAHEAD_TOKENS = 3
 MEL_CACHE_FRAMES = 8
 SOURCE_CACHE_SAMPLES = MEL_CACHE_FRAMES * SAMPLES_PER_FRAME
 # A non-final chunk must bring at least MEL_CACHE_FRAMES new frames after its lookahead.
-MIN_CHUNK_TOKENS = LOOKAHEAD_TOKENS + math.ceil(MEL_CACHE_FRAMES / TOKEN_MEL_RATIO)
+MIN_NEW_TOKENS = math.ceil(MEL_CACHE_FRAMES / TOKEN_MEL_RATIO)
+MIN_CHUNK_TOKENS = LOOKAHEAD_TOKENS + MIN_NEW_TOKENS
+# CUDA graphs: token windows (prompt + window) are padded to a multiple of this, and a final
+# chunk's mel to a multiple of FINAL_MEL_STEP frames (see S3GenStreamDecoder).
+TOKEN_STEP = 32
+FINAL_MEL_STEP = 32
+# CUDA graphs: flow frames are padded (masked) to a multiple of this.
+FRAME_STEP = 64
+# Final chunks rarely share a batch in large numbers: their vocoder graphs are recorded before
+# serving for batches up to this many rows only (larger ones when met twice).
+FINAL_PRECAPTURE_ROWS = 8
 NOISE_SEED = 0
 # Flow noise covers 300 s of mel frames (prompt included), as upstream's buffer does.
 NOISE_FRAMES = 50 * 300
@@ -67,18 +77,26 @@ SOURCE_NOISE_SAMPLES = 1 << 18
 class StreamConfig:
     """How a stream is cut into chunks and decoded.
 
+    Hops grow: the first chunk takes ``first_chunk_size`` new tokens, the second
+    ``chunk_size``, and each later one twice the one before, up to ``max_chunk_size``. Bigger
+    hops re-decode fewer context and prompt frames per second of audio; a stream about to run
+    dry may take a smaller hop of the same set (:meth:`StreamState.hop`), so that the
+    decoder meets few shapes.
+
     Parameters:
-        chunk_size: New speech tokens per chunk after the first (``TTS_CHUNK_SIZE``).
+        chunk_size: New speech tokens of the second chunk (``TTS_CHUNK_SIZE``).
         first_chunk_size: New tokens the first chunk waits for; smaller gives earlier audio.
         context_window: Already played tokens decoded again as left context
             (``TTS_CONTEXT_WINDOW``).
         flow_steps: Euler steps of the flow matching (upstream: 10).
+        max_chunk_size: Largest hop (``chunk_size`` for fixed hops).
     """
 
     chunk_size: int = 25
     first_chunk_size: int = 10
     context_window: int = 50
     flow_steps: int = 10
+    max_chunk_size: int = 100
 
     def __post_init__(self) -> None:
         """Check the sizes against the floor the lookahead and the mel cache impose."""
@@ -89,6 +107,23 @@ class StreamConfig:
             raise ValueError("context_window must be >= 0")
         if self.flow_steps < 1:
             raise ValueError("flow_steps must be >= 1")
+        if self.max_chunk_size < self.chunk_size:
+            object.__setattr__(self, "max_chunk_size", self.chunk_size)
+
+    def hop_cap(self, chunks_decoded: int) -> int:
+        """New tokens a stream's chunk takes once it has ``chunks_decoded`` chunks behind it."""
+        if chunks_decoded == 0:
+            return self.first_chunk_size
+        return min(self.max_chunk_size, self.chunk_size << min(chunks_decoded - 1, 16))
+
+    def hops(self) -> tuple[int, ...]:
+        """Every hop a non-final chunk may take, ascending."""
+        sizes = {self.first_chunk_size, self.max_chunk_size}
+        size = self.chunk_size
+        while size < self.max_chunk_size:
+            sizes.add(size)
+            size *= 2
+        return tuple(sorted(sizes))
 
 
 @dataclass
@@ -172,8 +207,31 @@ class StreamState:
         """Returns: tokens received but not yet played (lookahead included)."""
         return len(self.tokens) - self.played_tokens
 
+    def hop(self, config: StreamConfig, urgent: bool = False) -> int | None:
+        """New tokens the next non-final chunk would take now.
+
+        Args:
+            config: The chunking configuration.
+            urgent: Whether the listener is about to run dry: then the largest hop of
+                ``config.hops()`` (at most this chunk's cap) that the waiting tokens fill.
+
+        Returns:
+            This chunk's cap (:meth:`StreamConfig.hop_cap`) once that many tokens wait beyond
+            the lookahead; when urgent, the largest allowed hop that fits; else None.
+        """
+        if self.finished:
+            return None
+        cap = config.hop_cap(self.chunks_decoded)
+        available = self.pending - LOOKAHEAD_TOKENS
+        if available >= cap:
+            return cap
+        if urgent:
+            fits = [h for h in config.hops() if h <= available]
+            return max(fits) if fits else None
+        return None
+
     def ready(self, config: StreamConfig) -> bool:
-        """Whether enough tokens wait for a non-final chunk.
+        """Whether a full hop waits for a non-final chunk (see :meth:`hop`).
 
         Args:
             config: The chunking configuration.
@@ -181,10 +239,7 @@ class StreamState:
         Returns:
             True if the next chunk can be decoded without the end of the utterance.
         """
-        if self.finished:
-            return False
-        wanted = config.first_chunk_size if self.chunks_decoded == 0 else config.chunk_size
-        return self.pending >= wanted + LOOKAHEAD_TOKENS
+        return self.hop(config) is not None
 
 
 @dataclass
@@ -197,6 +252,7 @@ class _Job:
     start: int  # absolute index of the window's first token
     window: list[int]
     offset: int  # context tokens at the start of the window (their frames are dropped)
+    hop: int | None  # new tokens played by a non-final chunk (None: final, all of them)
     new_mel: torch.Tensor | None = None  # (1, 80, n): frames new in this chunk
 
 
@@ -226,6 +282,8 @@ class S3GenStreamDecoder:
             compilation for every bucket), meant to fuse the estimator's ~1,000 small kernels
             a step inside the CUDA graphs (experimental: compiling takes over 5 minutes on an
             H100 machine, and the speed-up is unmeasured).
+        stream_priority: Priority of the decoder's CUDA stream (lower is higher; -1 lets a
+            lane of first chunks go ahead of long batches on the GPU).
     """
 
     def __init__(
@@ -237,6 +295,7 @@ class S3GenStreamDecoder:
         cuda_graphs: bool | None = None,
         flow_dtype: torch.dtype | None = None,
         compile_flow: bool = False,
+        stream_priority: int = 0,
     ):
         self.s3gen = s3gen
         self.config = config
@@ -252,7 +311,7 @@ class S3GenStreamDecoder:
             # convolutions already use by default) cost them ~1e-3 relative error.
             torch.backends.cuda.matmul.allow_tf32 = True
         # Shape buckets only matter when shapes key graphs.
-        self._frame_step = 32 if self.cuda_graphs else 1
+        self._frame_step = FRAME_STEP if self.cuda_graphs else 1
         fold_weight_norm(self.hift)
         patch_sync_free_masks()
         if self.cuda_graphs:
@@ -267,7 +326,12 @@ class S3GenStreamDecoder:
         if compile_flow:
             self._estimator = torch.compile(self._estimator, dynamic=True)
         self._cfg_rate = float(decoder.inference_cfg_rate)
-        self._cuda_stream = torch.cuda.Stream(self.device) if on_cuda else None
+        encoder = self.flow.encoder
+        if encoder.static_chunk_size != 0 or encoder.use_dynamic_chunk:
+            raise ValueError("S3Gen's encoder uses chunk masks, which _encode does not build")
+        self._cuda_stream = (
+            torch.cuda.Stream(self.device, priority=stream_priority) if on_cuda else None
+        )
 
         generator = torch.Generator().manual_seed(noise_seed)
         self.flow_noise = torch.randn(1, 80, NOISE_FRAMES, generator=generator).to(
@@ -313,12 +377,19 @@ class S3GenStreamDecoder:
     # ---- public decoding -------------------------------------------------------------
 
     @torch.inference_mode()
-    def decode_chunks(self, streams: Sequence[StreamState], finalize: Sequence[bool]) -> list:
+    def decode_chunks(
+        self,
+        streams: Sequence[StreamState],
+        finalize: Sequence[bool],
+        hops: Sequence[int | None] | None = None,
+    ) -> list:
         """Decode the next chunk of several streams in one batch.
 
         Args:
             streams: The streams (each at most once); each must be ready (or finalizing).
             finalize: Per stream, whether its utterance is complete (all tokens pushed).
+            hops: Per stream, new tokens of a non-final chunk (None: ``stream.hop(config,
+                urgent=True)``, the largest allowed hop that its tokens fill).
 
         Returns:
             Per stream, float32 numpy audio at 24 kHz: the samples new in this chunk.
@@ -328,34 +399,45 @@ class S3GenStreamDecoder:
                 tokens (no stream is changed then).
         """
         streams, finalize = list(streams), list(finalize)
-        if len(streams) != len(finalize):
-            raise ValueError("one finalize flag per stream")
+        hops = list(hops) if hops is not None else [None] * len(streams)
+        if not len(streams) == len(finalize) == len(hops):
+            raise ValueError("one finalize flag and one hop per stream")
         if len({id(s) for s in streams}) != len(streams):
             raise ValueError("a stream appears twice in one batch")
-        for stream, final in zip(streams, finalize, strict=True):
+        for k, (stream, final) in enumerate(zip(streams, finalize, strict=True)):
             if stream.finished:
                 raise RuntimeError("stream already finalized")
-            if not final and stream.pending < MIN_CHUNK_TOKENS:
+            if final:
+                hops[k] = None
+                continue
+            hop = hops[k] if hops[k] is not None else stream.hop(self.config, urgent=True)
+            if hop is None or hop + MIN_CHUNK_TOKENS - MIN_NEW_TOKENS > stream.pending:
                 raise RuntimeError(f"a non-final chunk needs >= {MIN_CHUNK_TOKENS} pending tokens")
+            if hop < MIN_NEW_TOKENS:
+                raise RuntimeError(f"a non-final chunk takes >= {MIN_NEW_TOKENS} new tokens")
+            hops[k] = hop
         on_stream = (
             torch.cuda.stream(self._cuda_stream)
             if self._cuda_stream is not None
             else contextlib.nullcontext()
         )
         with on_stream:
-            return self._decode_batch(streams, finalize)
+            return self._decode_batch(streams, finalize, hops)
 
-    def decode_chunk(self, stream: StreamState, finalize: bool) -> np.ndarray:
+    def decode_chunk(
+        self, stream: StreamState, finalize: bool, hop: int | None = None
+    ) -> np.ndarray:
         """Decode one stream's next chunk (see :meth:`decode_chunks`).
 
         Args:
             stream: The stream.
             finalize: Whether all of its tokens have been pushed.
+            hop: New tokens of a non-final chunk (None: the largest allowed that fits).
 
         Returns:
             The new audio, float32 at 24 kHz (may be empty).
         """
-        return self.decode_chunks([stream], [finalize])[0]
+        return self.decode_chunks([stream], [finalize], [hop])[0]
 
     @torch.inference_mode()
     def decode_whole(self, reference: Reference, tokens: Iterable[int]) -> np.ndarray:
@@ -372,23 +454,112 @@ class S3GenStreamDecoder:
         stream.push(tokens)
         return self.decode_chunk(stream, True)
 
+    @torch.inference_mode()
+    def precapture(
+        self,
+        max_rows: int,
+        prompt_tokens: int,
+        hops: Sequence[int] | None = None,
+        final_tokens: int | None = None,
+        min_prompt_tokens: int | None = None,
+    ) -> int:
+        """Record, before serving, the CUDA graphs of every shape streamed chunks meet.
+
+        Rows are bucketed to powers of two up to ``max_rows``; token windows (prompt, context,
+        hop and lookahead) to multiples of ``TOKEN_STEP``; flow frames to multiples of 32;
+        vocoder lengths are those of the allowed hops (a first chunk, a later chunk with its
+        mel cache) and the bucketed lengths of final chunks up to ``final_tokens``. Larger
+        shapes (a long final chunk, batch mode) are recorded when met twice.
+
+        Args:
+            max_rows: Most chunks in one batch.
+            prompt_tokens: Longest voice prompt, in tokens (the reference cap x 25).
+            hops: The hops chunks take (default: ``config.hops()``).
+            final_tokens: Longest final chunk covered (default: twice the largest hop).
+            min_prompt_tokens: Shortest voice prompt covered (default: half of
+                ``prompt_tokens``; shorter voices record their shapes when met).
+
+        Returns:
+            Graphs recorded.
+        """
+        if not self.cuda_graphs:
+            return 0
+        cfg = self.config
+        hops = tuple(hops or cfg.hops())
+        final_tokens = final_tokens or 2 * max(hops)
+        longest = prompt_tokens + cfg.context_window
+        longest += max(max(hops) + LOOKAHEAD_TOKENS, final_tokens)
+        if min_prompt_tokens is None:
+            min_prompt_tokens = prompt_tokens // 2
+        shortest = min_prompt_tokens + min(hops)
+        rows_list, rows = [], 1
+        while rows < max_rows:
+            rows_list.append(rows)
+            rows *= 2
+        rows_list.append(self._row_bucket(max_rows))
+        before, min_uses = self.graphs.captures, self.graphs.min_uses
+        self.graphs.min_uses = 1
+        fd, dev = self.flow_dtype, self.device
+        mel_lengths = {TOKEN_MEL_RATIO * h for h in hops}
+        mel_lengths |= {MEL_CACHE_FRAMES + TOKEN_MEL_RATIO * h for h in hops}
+        final_lengths = set(
+            range(
+                FINAL_MEL_STEP,
+                bucket(MEL_CACHE_FRAMES + 2 * final_tokens, FINAL_MEL_STEP) + 1,
+                FINAL_MEL_STEP,
+            )
+        )
+        t = self._t_span[0:1]
+        dt = (self._t_span[1] - self._t_span[0]).reshape(1)
+        spk_dim = self.flow.spk_embed_affine_layer.out_features
+        try:
+            with torch.cuda.stream(self._cuda_stream):
+                for rows in reversed(rows_list):  # largest first: smaller ones reuse its pool
+                    top = bucket(longest, TOKEN_STEP) + 1
+                    for width in range(bucket(shortest, TOKEN_STEP), top, TOKEN_STEP):
+                        tokens = torch.randint(0, SPEECH_VOCAB_SIZE, (rows, width), device=dev)
+                        lengths = torch.full((rows,), width, device=dev, dtype=torch.long)
+                        self.graphs("encoder", self._encode, tokens, lengths)
+                    step = self._frame_step
+                    top = bucket(2 * longest, step) + 1
+                    for frames in range(bucket(2 * shortest, step), top, step):
+                        x = torch.randn(rows, 80, frames, device=dev)
+                        mask = torch.ones(2 * rows, 1, frames, device=dev, dtype=fd)
+                        mu = torch.randn(2 * rows, 80, frames, device=dev, dtype=fd)
+                        spks = torch.randn(2 * rows, spk_dim, device=dev, dtype=fd)
+                        cond = torch.randn(2 * rows, 80, frames, device=dev, dtype=fd)
+                        self.graphs("flow_step", self._euler_step, x, mask, mu, t, spks, cond, dt)
+                    finals = final_lengths if rows <= FINAL_PRECAPTURE_ROWS else set()
+                    lengths = mel_lengths | finals
+                    for length in sorted(lengths):
+                        mel = torch.randn(rows, 80, length, device=dev, dtype=self.dtype)
+                        self.graphs("hift_f0", self._f0, mel)
+                        source = torch.randn(rows, 1, length * SAMPLES_PER_FRAME, device=dev)
+                        self.graphs("hift_decode", self._hift_decode, mel, source)
+            torch.cuda.current_stream(dev).wait_stream(self._cuda_stream)
+        finally:
+            self.graphs.min_uses = min_uses
+        return self.graphs.captures - before
+
     # ---- internals -------------------------------------------------------------------
 
-    def _decode_batch(self, streams: list[StreamState], finalize: list[bool]) -> list:
+    def _decode_batch(
+        self, streams: list[StreamState], finalize: list[bool], hops: list[int | None]
+    ) -> list:
         cfg = self.config
         outputs: list[np.ndarray | None] = [None] * len(streams)
         jobs: list[tuple[int, _Job]] = []
-        for i, (stream, final) in enumerate(zip(streams, finalize, strict=True)):
+        for i, (stream, final, hop) in enumerate(zip(streams, finalize, hops, strict=True)):
             first = stream.chunks_decoded == 0
             if stream.pending == 0 and first:
                 stream.finished = True
                 outputs[i] = np.zeros(0, dtype=np.float32)
                 continue
             start = max(0, stream.played_tokens - cfg.context_window)
-            window = stream.tokens[start:]
-            jobs.append(
-                (i, _Job(stream, final, first, start, window, stream.played_tokens - start))
-            )
+            end = None if hop is None else stream.played_tokens + hop + LOOKAHEAD_TOKENS
+            window = stream.tokens[start:end]
+            offset = stream.played_tokens - start
+            jobs.append((i, _Job(stream, final, first, start, window, offset, hop)))
         if not jobs:
             return outputs
         mels = self._flow_mels(
@@ -419,7 +590,8 @@ class S3GenStreamDecoder:
             stream.mel_cache = stream.source_cache = stream.speech_tail = None
             out = speech
         else:
-            stream.played_tokens = len(stream.tokens) - LOOKAHEAD_TOKENS
+            assert job.hop is not None
+            stream.played_tokens += job.hop
             stream.mel_cache = vocode_mel[:, :, -MEL_CACHE_FRAMES:].clone()
             stream.source_cache = source[:, :, -SOURCE_CACHE_SAMPLES:].clone()
             stream.speech_tail = speech[:, -SOURCE_CACHE_SAMPLES:].clone()
@@ -447,16 +619,43 @@ class S3GenStreamDecoder:
         """
         return self._flow_mels([(ref, window, start_token, finalize)])[0]
 
-    def _encode(self, token: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, L) to the flow's conditioning ``mu``, shape (B, 2L, 80)."""
-        flow = self.flow
-        lengths = torch.full((token.shape[0],), token.shape[1], device=token.device)
-        emb = flow.input_embedding(token.clamp(0, flow.input_embedding.num_embeddings - 1))
-        h, _ = flow.encoder(emb, lengths)
-        return flow.encoder_proj(h)
+    def _encode(self, token: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, L), right-padded, to the flow's conditioning ``mu``, shape (B, 2L, 80).
+
+        Upstream's ``UpsampleConformerEncoder.forward`` with one change: the embedded input is
+        zeroed past each row's length before the look-ahead convolution, which otherwise reads
+        the embedding layer's bias from the padding into a row's last 3 tokens (and through
+        attention, ~4e-4 into every frame). With that, each row's first ``2 * lengths`` frames
+        equal an unpadded call's to float rounding (~4e-7 relative on the CPU), so one call
+        serves a whole batch at a bucketed width. The encoder has no chunk masks
+        (``static_chunk_size`` 0, no dynamic chunks; checked at construction).
+        """
+        from chatterbox_vllm.models.s3gen.utils.mask import make_pad_mask
+
+        flow, enc = self.flow, self.flow.encoder
+        xs = flow.input_embedding(token.clamp(0, flow.input_embedding.num_embeddings - 1))
+        masks = ~make_pad_mask(lengths, xs.shape[1]).unsqueeze(1)  # (B, 1, L)
+        if enc.global_cmvn is not None:
+            xs = enc.global_cmvn(xs)
+        xs, pos_emb, masks = enc.embed(xs, masks)
+        xs = xs * masks.transpose(1, 2).to(xs.dtype)
+        xs = enc.pre_lookahead_layer(xs)
+        xs = enc.forward_layers(xs, masks, pos_emb, masks)
+        xs, up_lengths = enc.up_layer(xs.transpose(1, 2).contiguous(), lengths)
+        xs = xs.transpose(1, 2).contiguous()
+        masks = ~make_pad_mask(up_lengths, xs.shape[1]).unsqueeze(1)
+        xs, pos_emb, masks = enc.up_embed(xs, masks)
+        xs = enc.forward_up_layers(xs, masks, pos_emb, masks)
+        if enc.normalize_before:
+            xs = enc.after_norm(xs)
+        return flow.encoder_proj(xs)
 
     def _flow_mels(self, rows: list[tuple[Reference, list[int], int, bool]]) -> list[torch.Tensor]:
         """Generated mel frames of several windows, rows batched through the flow.
+
+        The encoder runs once for all rows (right-padded token windows, see :meth:`_encode`),
+        the flow once per Euler step (right-padded, masked frames). Inputs are assembled on
+        the host and copied in one transfer each, not row by row.
 
         Args:
             rows: Per row (reference, window tokens, absolute start token, finalize).
@@ -466,48 +665,51 @@ class S3GenStreamDecoder:
         """
         flow = self.flow
         drop = flow.pre_lookahead_len * flow.token_mel_ratio
-        # Encoder: one call per group of equal token count (exact: no padding in time).
-        tokens = [
-            torch.cat(
-                [ref.prompt_token[0], torch.tensor(window, dtype=torch.long, device=self.device)]
-            )
-            for ref, window, _, _ in rows
+        n = len(rows)
+        n_rows = self._row_bucket(n)
+        token_lists = [ref.prompt_token[0].tolist() + list(window) for ref, window, _, _ in rows]
+        lengths = [len(t) for t in token_lists]
+        width = bucket(max(lengths), TOKEN_STEP) if self.cuda_graphs else max(lengths)
+        host_tokens = torch.zeros(n_rows, width, dtype=torch.long)
+        for i in range(n_rows):
+            t = token_lists[min(i, n - 1)]  # padded rows repeat the last one
+            host_tokens[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        host_lengths = torch.tensor([lengths[min(i, n - 1)] for i in range(n_rows)])
+        tokens = host_tokens.to(self.device, non_blocking=True)
+        token_lengths = host_lengths.to(self.device, non_blocking=True)
+        mu_all = self.graphs("encoder", self._encode, tokens, token_lengths)
+        frames = [
+            TOKEN_MEL_RATIO * length - (0 if final else drop)
+            for length, (_, _, _, final) in zip(lengths, rows, strict=True)
         ]
-        mus: list[torch.Tensor | None] = [None] * len(rows)
-        groups: dict[int, list[int]] = {}
-        for i, t in enumerate(tokens):
-            groups.setdefault(t.shape[0], []).append(i)
-        for members in groups.values():
-            batch = torch.stack([tokens[i] for i in members])
-            batch = self._pad_rows(batch)
-            mu = self.graphs("encoder", self._encode, batch)
-            for k, i in enumerate(members):
-                mu_i = mu[k]
-                mus[i] = mu_i if rows[i][3] else mu_i[:-drop]
-        # Flow: all rows in one batch, right-padded with masked frames.
-        lengths = [m.shape[0] for m in mus]
-        n_rows = self._row_bucket(len(rows))
-        frames_max = bucket(max(lengths), self._frame_step)
+        frames_max = bucket(max(frames), self._frame_step)
         fd = self.flow_dtype
-        x = torch.zeros(n_rows, 80, frames_max, device=self.device, dtype=torch.float32)
-        mu = torch.zeros(n_rows, 80, frames_max, device=self.device, dtype=fd)
-        cond = torch.zeros_like(mu)
-        mask = torch.zeros(n_rows, 1, frames_max, device=self.device, dtype=fd)
+        prompt_frames = [ref.prompt_feat.shape[1] for ref, _, _, _ in rows]
+        # Flow noise by position: the prompt's frames, then the window's by absolute frame.
+        idx = torch.zeros(n_rows, frames_max, dtype=torch.long)
+        for i, ((_, _, start, _), pf, nf) in enumerate(
+            zip(rows, prompt_frames, frames, strict=True)
+        ):
+            idx[i, :pf] = torch.arange(pf)
+            idx[i, pf:nf] = pf + start * TOKEN_MEL_RATIO + torch.arange(nf - pf)
+        idx = idx.remainder(NOISE_FRAMES).to(self.device, non_blocking=True)
+        x = self.flow_noise[0][:, idx].permute(1, 0, 2).float()  # (R, 80, F)
+        valid = torch.tensor([frames[min(i, n - 1)] if i < n else 0 for i in range(n_rows)])
+        valid = valid.to(self.device, non_blocking=True)
+        mask = torch.arange(frames_max, device=self.device)[None, :] < valid[:, None]
+        mask = mask[:, None, :].to(fd)  # (R, 1, F)
+        mu = mu_all[:, :frames_max].transpose(1, 2).to(fd) * mask
+        x = x * mask.float()
+        cond = torch.zeros(n_rows, 80, frames_max, device=self.device, dtype=fd)
+        for i, (ref, _, _, _) in enumerate(rows):
+            cond[i, :, : prompt_frames[i]] = ref.prompt_feat[0].transpose(0, 1)
         embeddings = torch.zeros(n_rows, rows[0][0].embedding.shape[1], device=self.device)
-        prompt_frames = []
-        for i, ((ref, _, start, _), mu_i, n) in enumerate(zip(rows, mus, lengths, strict=True)):
-            pf = ref.prompt_feat.shape[1]
-            prompt_frames.append(pf)
-            mu[i, :, :n] = mu_i.transpose(0, 1)
-            cond[i, :, :pf] = ref.prompt_feat[0].transpose(0, 1)
-            mask[i, :, :n] = 1
-            x[i][:, :n] = self._noise(pf, start * TOKEN_MEL_RATIO, n - pf)[0]
-            embeddings[i] = ref.embedding[0]
+        embeddings[:n] = torch.cat([ref.embedding for ref, _, _, _ in rows]).float()
         spks = flow.spk_embed_affine_layer(F.normalize(embeddings.to(self.dtype), dim=1)).to(fd)
         mel = self._solve(x, mu, mask, spks, cond)
         return [
-            mel[i : i + 1, :, pf:n].clone()
-            for i, (pf, n) in enumerate(zip(prompt_frames, lengths, strict=False))
+            mel[i : i + 1, :, pf:nf].clone()
+            for i, (pf, nf) in enumerate(zip(prompt_frames, frames, strict=True))
         ]
 
     def _solve(
@@ -576,9 +778,14 @@ class S3GenStreamDecoder:
         for i, job in enumerate(jobs):
             mel = job.new_mel if job.first else torch.cat([job.stream.mel_cache, job.new_mel], 2)
             mels.append(mel.to(self.dtype))
-            groups.setdefault((mel.shape[2], job.first), []).append(i)
-        for (_, first), members in groups.items():
-            mel = torch.cat([mels[i] for i in members])
+            length = mel.shape[2]
+            if job.finalize and self.cuda_graphs:
+                # A final chunk's length is whatever the utterance left: vocoded at a bucketed
+                # length so that it replays a recorded graph (see _pad_final).
+                length = bucket(length, FINAL_MEL_STEP)
+            groups.setdefault((length, job.first), []).append(i)
+        for (length, first), members in groups.items():
+            mel = torch.cat([self._pad_final(mels[i], length) for i in members])
             start_frames = [
                 jobs[i].stream.played_tokens * TOKEN_MEL_RATIO - (0 if first else MEL_CACHE_FRAMES)
                 for i in members
@@ -586,8 +793,22 @@ class S3GenStreamDecoder:
             streams = [jobs[i].stream for i in members]
             speech, source = self._vocode(streams, mel, start_frames, first)
             for k, i in enumerate(members):
-                results[i] = (speech[k : k + 1], source[k : k + 1], mels[i])
+                n = mels[i].shape[2] * SAMPLES_PER_FRAME
+                results[i] = (speech[k : k + 1, :n], source[k : k + 1, :, :n], mels[i])
         return results
+
+    @staticmethod
+    def _pad_final(mel: torch.Tensor, length: int) -> torch.Tensor:
+        """``mel`` (1, 80, n) extended to ``length`` frames by repeating its last frame.
+
+        HiFT is not causal, so only a final chunk is padded (its audio is cut back to ``n``
+        frames): the last few frames of an utterance then hear the repeated frame instead of
+        the zero padding of an exact-length call, a difference in its closing ~0.1 s only.
+        """
+        extra = length - mel.shape[2]
+        if extra <= 0:
+            return mel
+        return torch.cat([mel, mel[:, :, -1:].expand(-1, -1, extra)], 2)
 
     def _f0(self, mel: torch.Tensor) -> torch.Tensor:
         """Mel (B, 80, T) to F0 per sample, shape (B, 480 T), float32."""

@@ -25,14 +25,14 @@ import torch
 from loguru import logger
 
 from chatterbox_sidecar.engines.chatterbox.model_files import ensure_vllm_model_dir
-from chatterbox_sidecar.engines.chatterbox.t3_backend import T3Backend, T3Request
-from chatterbox_sidecar.engines.chatterbox.t3_model import (
+from chatterbox_sidecar.engines.chatterbox.t3.backend import T3Backend, T3Request
+from chatterbox_sidecar.engines.chatterbox.t3.model import (
     SPEECH_VOCAB_VALID,
     STOP_SPEECH_TOKEN,
     T3Model,
 )
-from chatterbox_sidecar.engines.chatterbox.t3_stream import TokenStream
-from chatterbox_sidecar.engines.chatterbox.t3_text import t3_prompt
+from chatterbox_sidecar.engines.chatterbox.t3.stream import TokenStream
+from chatterbox_sidecar.engines.chatterbox.t3.text import t3_prompt
 
 #: chatterbox-vllm shifts speech ids by this much inside vLLM (ids below it are prompt ids).
 SPEECH_TOKEN_OFFSET = 2500
