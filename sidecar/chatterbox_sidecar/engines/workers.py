@@ -261,6 +261,7 @@ class WorkerPool:
                 if message is _CRASHED:
                     finished = True
                     logger.error(f"{self.name} worker {worker.index} crashed on {label}")
+                    logger.debug(f"{label}: the job that crashed it: {job!r:.500}")
                     raise WorkerCrashed("the engine worker crashed on this text")
                 kind = message[0]
                 if kind == "item":

@@ -16,7 +16,7 @@ from pipecat_chatterbox.cli import split_text
 from pipecat_chatterbox.client import TextTooLongError, decode_pcm
 
 from tests.asr import transcribe, word_error_rate
-from tests.client.helpers import LONG_TEXT, reference_wav
+from tests.client_api.helpers import LONG_TEXT, reference_wav
 
 
 def run_cli(

@@ -30,7 +30,7 @@ from pipecat_chatterbox.client import (
     health_url,
 )
 
-from tests.client.helpers import LONG_TEXT, reference_wav
+from tests.client_api.helpers import LONG_TEXT, reference_wav
 from tests.conftest import ROOT
 
 
