@@ -89,7 +89,10 @@ render_haproxy_cfg() {
     /# END SERVERS/ { skip = 0 }
     !skip { print }
   ' deploy/haproxy/haproxy.cfg >"$run_dir/haproxy.cfg.new"
-  "$haproxy_bin" -c -q -f "$run_dir/haproxy.cfg.new" || die "HAProxy rejects $run_dir/haproxy.cfg.new"
+  if ! "$haproxy_bin" -c -q -f "$run_dir/haproxy.cfg.new"; then
+    log "error: HAProxy rejects $run_dir/haproxy.cfg.new"
+    return 1
+  fi
   mv "$run_dir/haproxy.cfg.new" "$run_dir/haproxy.cfg"
 }
 
@@ -117,13 +120,20 @@ start_haproxy() {
   log "haproxy: pid $haproxy_pid, serving $TTS_LB_BIND (stats: ${TTS_LB_STATS_BIND:-127.0.0.1:8404}/stats)"
 }
 
+signal_sidecars() {  # send signal $1 to every sidecar still running
+  local p
+  for p in "${pids[@]}"; do
+    if [ -n "$p" ]; then kill "-$1" "$p" 2>/dev/null || true; fi
+  done
+}
+
 stopping=0
 reload=0
 # shellcheck disable=SC2317  # called by the trap below
 on_stop() {
   if [ "$stopping" = 1 ]; then
     log "second stop signal: stopping the sidecars at once"
-    kill -TERM "${pids[@]}" 2>/dev/null || true
+    signal_sidecars TERM
   fi
   stopping=1
 }
@@ -138,7 +148,7 @@ wait_for() {  # wait until child $1 exits, through interruptions by signals; set
   done
 }
 
-[ "$use_lb" = 1 ] && render_haproxy_cfg
+if [ "$use_lb" = 1 ]; then render_haproxy_cfg || exit 2; fi
 for ((i = 0; i < count; i++)); do start_sidecar "$i"; done
 [ "$use_lb" = 1 ] && start_haproxy
 
@@ -149,9 +159,12 @@ while [ "$stopping" = 0 ]; do
   wait -n -p exited || code=$?
   if [ "$reload" = 1 ] && [ "$use_lb" = 1 ]; then
     reload=0
-    render_haproxy_cfg
-    kill -USR2 "$haproxy_pid"
-    log "haproxy: reloaded (open calls stay on the old worker until they end)"
+    if render_haproxy_cfg; then
+      kill -USR2 "$haproxy_pid"
+      log "haproxy: reloaded (open calls stay on the old worker until they end)"
+    else
+      log "haproxy: not reloaded; it keeps its running configuration"
+    fi
   fi
   [ "$stopping" = 1 ] && break
   [ -z "$exited" ] && continue
@@ -164,6 +177,8 @@ while [ "$stopping" = 0 ]; do
   for ((i = 0; i < count; i++)); do
     [ "${pids[i]}" = "$exited" ] || continue
     log "sidecar $i exited ($code)"
+    pids[i]=""
+    rm -f "$run_dir/sidecar$i.pid"
     if [ "${TTS_RESTART:-1}" = 1 ]; then
       sleep 2 &
       wait $! || true
@@ -173,8 +188,9 @@ while [ "$stopping" = 0 ]; do
 done
 
 log "stopping: sidecars drain (up to TTS_DRAIN_SECONDS=${TTS_DRAIN_SECONDS:-30} s), then haproxy"
-kill -TERM "${pids[@]}" 2>/dev/null || true
+signal_sidecars TERM
 for ((i = 0; i < count; i++)); do
+  [ -n "${pids[i]}" ] || continue
   wait_for "${pids[i]}"
   log "sidecar $i exited ($waited)"
 done

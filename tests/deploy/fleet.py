@@ -200,8 +200,11 @@ class Fleet:
         return json.loads(body)
 
     def pid(self, name: str) -> int:
-        """Returns: a sidecar's process id, from the script's pid file."""
-        return int((self.run_dir / f"{name}.pid").read_text())
+        """Returns: a sidecar's process id, from the script's pid file (0 while it has none)."""
+        try:
+            return int((self.run_dir / f"{name}.pid").read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
 
     def stop(self, timeout: float = 90.0) -> int:
         """SIGTERM the script and wait for it.

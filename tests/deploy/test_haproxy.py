@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import time
 from collections import Counter
@@ -55,6 +56,12 @@ def fleet_factory(tmp_path: Path) -> Iterator:
     yield start
     for fleet in fleets:
         fleet.cleanup()
+
+
+def _redispatched_upgrades(fleet: Fleet) -> int:
+    """Returns: upgrades HAProxy's log shows retried on another sidecar ("+N" retries field)."""
+    log = (fleet.run_dir / "haproxy.log").read_text(errors="replace")
+    return len(re.findall(r"/\+[1-9][0-9]* [0-9]+/[0-9]+ \"GET /v1/stream/tts", log))
 
 
 def _all_down(fleet: Fleet) -> bool:
@@ -170,6 +177,7 @@ async def test_sigkill_of_a_sidecar_mid_call(fleet_factory):
     for wave in range(2):
         served += await asyncio.gather(*(new_call(2 * wave + k) for k in range(2)))
     assert victim not in served and len(served) == 4, served
+    assert _redispatched_upgrades(fleet) >= 1  # the first went to the dead one, then elsewhere
     assert fleet.states()[victim] == "DOWN"  # marked down by the failed connection, not a check
 
     # the calls on the other two sidecars go on undisturbed
@@ -209,6 +217,9 @@ async def test_sigterm_drains_a_sidecar_while_haproxy_sends_calls_elsewhere(flee
             result = await client.synthesize(f"Call {i} during the drain.")
             assert result.end["type"] == "done"
     await async_wait_until(
+        lambda: _redispatched_upgrades(fleet) == 3, 10, "3 upgrades retried elsewhere in the log"
+    )
+    await async_wait_until(
         lambda: fleet.states()[target] == "DOWN", 30, f"{target} DOWN in HAProxy"
     )
 
@@ -220,7 +231,7 @@ async def test_sigterm_drains_a_sidecar_while_haproxy_sends_calls_elsewhere(flee
             await call.recv(timeout=30)
     assert info.value.rcvd is not None and info.value.rcvd.code == 1001
     await async_wait_until(
-        lambda: f"sidecar{fleet.names.index(target)} exited (0)" in fleet.log(),
+        lambda: f"sidecar {fleet.names.index(target)} exited (0)" in fleet.log(),
         30,
         "the drained sidecar exiting with 0",
     )
@@ -239,7 +250,15 @@ async def test_haproxy_reload_keeps_calls(fleet_factory):
         assert result.end["type"] == "done"
     end = await finish_call(call, "call")
     assert end["type"] == "done" and end["audio_seconds"] > 0
-    await call.close()
+    haproxy_log = fleet.run_dir / "haproxy.log"
+    old_worker = re.findall(r"New worker \(([0-9]+)\) forked", haproxy_log.read_text())[0]
+    assert f"Former worker ({old_worker}) exited" not in haproxy_log.read_text()
+    await call.close()  # the old worker's last connection: now it goes
+    await async_wait_until(
+        lambda: f"Former worker ({old_worker}) exited" in haproxy_log.read_text(),
+        30,
+        "the old HAProxy worker exiting once its call closed",
+    )
 
 
 def test_script_restarts_a_dead_sidecar_and_stops_everything_on_sigterm(fleet_factory):
@@ -248,7 +267,7 @@ def test_script_restarts_a_dead_sidecar_and_stops_everything_on_sigterm(fleet_fa
     os.kill(old, signal.SIGKILL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if fleet.pid("sidecar0") != old and fleet.states().get("sidecar0") == "UP":
+        if fleet.pid("sidecar0") not in (0, old) and fleet.states().get("sidecar0") == "UP":
             break
         time.sleep(0.1)
     else:
