@@ -172,7 +172,9 @@ class Fleet:
         text = self.output.read_text(errors="replace") if self.output.exists() else ""
         haproxy_log = self.run_dir / "haproxy.log"
         if haproxy_log.exists():
-            text += "\n--- haproxy.log (end) ---\n" + haproxy_log.read_text(errors="replace")[-4000:]
+            text += (
+                "\n--- haproxy.log (end) ---\n" + haproxy_log.read_text(errors="replace")[-4000:]
+            )
         return text
 
     def stats(self) -> dict[str, dict[str, str]]:
@@ -184,7 +186,9 @@ class Fleet:
         if status != 200:
             return {}
         rows = csv.DictReader(io.StringIO(body.decode().lstrip("# ")))
-        return {r["svname"]: r for r in rows if r["pxname"] == "sidecars" and r["svname"] in self.names}
+        return {
+            r["svname"]: r for r in rows if r["pxname"] == "sidecars" and r["svname"] in self.names
+        }
 
     def states(self) -> dict[str, str]:
         """Returns: each sidecar's state in HAProxy (``UP``, ``DOWN``, ...)."""

@@ -120,14 +120,20 @@ async def test_calls_spread_and_full_sidecars_get_no_new_calls(fleet_factory):
     await _refused_busy(fleet.url)
 
     # every call still open is spoken to its end: no context was refused anywhere
-    open_calls = [(c, f"call{i}") for i, c in enumerate(clients) if i != freed] + [(eighth, "call8")]
+    open_calls = [(c, f"call{i}") for i, c in enumerate(clients) if i != freed] + [
+        (eighth, "call8")
+    ]
     ends = await asyncio.gather(*(finish_call(c, cid) for c, cid in open_calls))
     assert [e["type"] for e in ends] == ["done"] * 6, ends
     assert all(e["audio_seconds"] > 0 for e in ends)
     for client, _ in open_calls:
         assert client.contexts[next(iter(client.contexts))].audio_bytes
-    assert not [m for c, _ in open_calls for m in c.messages if isinstance(m, dict)
-                and m.get("code") == "busy"]
+    assert not [
+        m
+        for c, _ in open_calls
+        for m in c.messages
+        if isinstance(m, dict) and m.get("code") == "busy"
+    ]
     await asyncio.gather(*(c.close() for c in clients + [eighth]))
 
 
@@ -146,9 +152,7 @@ async def test_api_key_passes_through_and_metrics(fleet_factory):
     assert status == 200
     assert "tts_capacity 2.0" in body.decode()
     # HAProxy's own Prometheus metrics on the stats address
-    status, body = await asyncio.to_thread(
-        http_get, f"http://127.0.0.1:{fleet.stats_port}/metrics"
-    )
+    status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{fleet.stats_port}/metrics")
     assert status == 200 and b"haproxy_server_status" in body
 
 
