@@ -23,7 +23,8 @@
 #   TTS_SIDECAR_HOST   interface the sidecars listen on [127.0.0.1]
 #   TTS_LB             0: start only the sidecars (HAProxy runs elsewhere) [1]
 #   TTS_LB_*           HAProxy settings, see deploy/haproxy/haproxy.cfg
-#   TTS_RUN_DIR        rendered haproxy.cfg, pid files, each process's output [run/multi]
+#   TTS_RUN_DIR        rendered haproxy.cfg, pid files, each process's output, HAProxy's
+#                      runtime API socket haproxy.sock [run/multi]
 #   TTS_LOG_DIR        sidecar i logs to $TTS_LOG_DIR/sidecar<i>/tts.log [logs]
 #   TTS_PYTHON         Python that runs the sidecars [.venv/bin/python, set up by start_tts.sh]
 #   HAPROXY            the haproxy binary [haproxy]
@@ -66,6 +67,7 @@ export TTS_LB_BIND="${TTS_LB_BIND:-${TTS_HOST:-0.0.0.0}:${TTS_PORT:-8002}}"
 export TTS_STREAMING="${TTS_STREAMING:-true}"
 mkdir -p "$run_dir"
 run_dir=$(cd "$run_dir" && pwd)
+export TTS_LB_ADMIN_SOCKET="${TTS_LB_ADMIN_SOCKET:-$run_dir/haproxy.sock}"
 
 if [ "$use_lb" = 1 ]; then
   command -v "$haproxy_bin" >/dev/null 2>&1 ||

@@ -203,6 +203,21 @@ class Fleet:
             return {"status": "unreachable"}
         return json.loads(body)
 
+    def admin(self, command: str) -> str:
+        """Send one command to HAProxy's runtime API (its admin socket).
+
+        Returns:
+            HAProxy's answer.
+        """
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(self.run_dir / "haproxy.sock"))
+            s.sendall(command.encode() + b"\n")
+            chunks = []
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode()
+
     def pid(self, name: str) -> int:
         """Returns: a sidecar's process id, from the script's pid file (0 while it has none)."""
         try:
@@ -238,18 +253,32 @@ class Fleet:
                 pass
 
 
-async def open_call(url: str, context_id: str, **kwargs) -> tuple[TTSClient, str]:
-    """Connect through HAProxy and open a context that is still taking text (a call in progress:
-    the LLM has sent its first words), which holds one of the sidecar's streams.
+async def connect_call(url: str) -> tuple[TTSClient, str]:
+    """Connect through HAProxy with the API key.
 
     Returns:
         The client and the name of the sidecar HAProxy chose for it.
     """
-    client = await TTSClient.connect(url, additional_headers=AUTH, **kwargs)
-    server = client.ws.response.headers["X-TTS-Server"]
+    client = await TTSClient.connect(url, additional_headers=AUTH)
+    return client, client.ws.response.headers["X-TTS-Server"]
+
+
+async def start_turn(client: TTSClient, context_id: str) -> None:
+    """Open a context that is still taking text (a call in progress: the LLM has sent its first
+    words); it holds one of the sidecar's streams until the turn ends."""
     await client.send(
         {"type": "synthesize", "text": "Hello", "continue": True, "context_id": context_id}
     )
+
+
+async def open_call(url: str, context_id: str) -> tuple[TTSClient, str]:
+    """Connect through HAProxy and start a turn (:func:`start_turn`).
+
+    Returns:
+        The client and the name of the sidecar HAProxy chose for it.
+    """
+    client, server = await connect_call(url)
+    await start_turn(client, context_id)
     return client, server
 
 

@@ -9,6 +9,12 @@ HAProxy learns that a sidecar is full from ``/health/ready`` (503 ``at_capacity`
 check interval and sends it no new connection until a check passes again. When every sidecar is
 full, HAProxy itself answers the upgrade with 503 and the protocol's ``busy`` JSON: the 7th
 client is refused at once, not queued.
+
+Calls that arrive after a sidecar died or began to drain but before HAProxy's next check of it
+are still served (the connection failure or the sidecar's 503 is retried on another sidecar).
+To make "before the next check" certain rather than a race against the interval, those tests
+pause the checks of that one sidecar through HAProxy's runtime API, then resume them to see it
+taken out of rotation.
 """
 
 from __future__ import annotations
@@ -33,10 +39,12 @@ from tests.deploy.fleet import (
     AUTH,
     Fleet,
     async_wait_until,
+    connect_call,
     finish_call,
     http_get,
     open_call,
     require_haproxy,
+    start_turn,
 )
 
 
@@ -81,11 +89,12 @@ async def _refused_busy(url: str) -> InvalidStatus:
 
 async def test_calls_spread_and_full_sidecars_get_no_new_calls(fleet_factory):
     fleet = fleet_factory()
-    # 6 concurrent calls: leastconn spreads them 2-2-2
-    opened = await asyncio.gather(*(open_call(fleet.url, f"call{i}") for i in range(6)))
+    # 6 concurrent calls: leastconn spreads the connections 2-2-2, then each starts a turn
+    opened = await asyncio.gather(*(connect_call(fleet.url) for _ in range(6)))
     clients = [client for client, _ in opened]
     servers = [server for _, server in opened]
     assert Counter(servers) == {name: 2 for name in fleet.names}, servers
+    await asyncio.gather(*(start_turn(c, f"call{i}") for i, c in enumerate(clients)))
     # each sidecar holds its 2 streams, so it is full and says so on /health/ready ...
     for name in fleet.names:
         await async_wait_until(
@@ -157,11 +166,13 @@ async def test_api_key_passes_through_and_metrics(fleet_factory):
 
 
 async def test_sigkill_of_a_sidecar_mid_call(fleet_factory):
-    # a check interval long enough that the new calls below come before HAProxy's next check
-    fleet = fleet_factory(check_inter="3s")
+    fleet = fleet_factory()
     calls = [await open_call(fleet.url, f"call{i}") for i in range(3)]
     assert sorted(server for _, server in calls) == fleet.names  # one call per sidecar
     (victim_client, victim), *others = calls
+    # the new calls below must come before HAProxy's next check of the victim: pause its checks
+    # (as if the interval were long) so that only the failed connections can tell HAProxy
+    assert fleet.admin(f"disable health sidecars/{victim}").strip() == ""
     os.kill(fleet.pid(victim), signal.SIGKILL)
 
     # the victim's client sees its connection close; its turn never ends with done
@@ -170,7 +181,13 @@ async def test_sigkill_of_a_sidecar_mid_call(fleet_factory):
             await victim_client.recv(timeout=30)
     assert all(c.end is None or c.end["type"] != "done" for c in victim_client.contexts.values())
 
-    # new calls at once, in two waves of two, are all served by the other two sidecars
+    # the calls on the other two sidecars go on undisturbed
+    for (client, _), i in zip(others, (1, 2), strict=True):
+        end = await finish_call(client, f"call{i}")
+        assert end["type"] == "done" and end["audio_seconds"] > 0
+
+    # new calls, in two waves of two, are all served by the other two sidecars: each is tried
+    # on the victim (fewest connections) and retried elsewhere when the connection fails
     async def new_call(i: int) -> str:
         async with await TTSClient.connect(fleet.url, additional_headers=AUTH) as client:
             result = await client.synthesize(f"New call number {i} after the crash.")
@@ -181,18 +198,15 @@ async def test_sigkill_of_a_sidecar_mid_call(fleet_factory):
     for wave in range(2):
         served += await asyncio.gather(*(new_call(2 * wave + k) for k in range(2)))
     assert victim not in served and len(served) == 4, served
-    assert _redispatched_upgrades(fleet) >= 1  # the first went to the dead one, then elsewhere
-    assert fleet.states()[victim] == "DOWN"  # marked down by the failed connection, not a check
-
-    # the calls on the other two sidecars go on undisturbed
-    for (client, _), i in zip(others, (1, 2), strict=True):
-        end = await finish_call(client, f"call{i}")
-        assert end["type"] == "done" and end["audio_seconds"] > 0
-        await client.close()
+    assert _redispatched_upgrades(fleet) >= 1
+    # and once checked, the victim is out of rotation
+    fleet.admin(f"enable health sidecars/{victim}")
+    await async_wait_until(lambda: fleet.states()[victim] == "DOWN", 30, f"{victim} DOWN")
+    await asyncio.gather(*(client.close() for client, _ in others))
 
 
 async def test_sigterm_drains_a_sidecar_while_haproxy_sends_calls_elsewhere(fleet_factory):
-    fleet = fleet_factory(check_inter="3s")
+    fleet = fleet_factory()
     call, target = await open_call(fleet.url, "call")
     # two idle connections on each of the other two, so leastconn would pick the draining one
     idle: list[TTSClient] = []
@@ -207,8 +221,9 @@ async def test_sigterm_drains_a_sidecar_while_haproxy_sends_calls_elsewhere(flee
             idle.append(client)
     else:
         pytest.fail(f"could not place idle connections: {on_others}")
-    pid = fleet.pid(target)
-    os.kill(pid, signal.SIGTERM)
+    # the new calls below must come before HAProxy's next check of the target: pause its checks
+    assert fleet.admin(f"disable health sidecars/{target}").strip() == ""
+    os.kill(fleet.pid(target), signal.SIGTERM)
     await async_wait_until(
         lambda: fleet.health(target)["status"] == "draining", 30, f"{target} draining"
     )
@@ -223,6 +238,8 @@ async def test_sigterm_drains_a_sidecar_while_haproxy_sends_calls_elsewhere(flee
     await async_wait_until(
         lambda: _redispatched_upgrades(fleet) == 3, 10, "3 upgrades retried elsewhere in the log"
     )
+    # once checked, HAProxy takes the draining sidecar out of rotation
+    fleet.admin(f"enable health sidecars/{target}")
     await async_wait_until(
         lambda: fleet.states()[target] == "DOWN", 30, f"{target} DOWN in HAProxy"
     )
