@@ -24,6 +24,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from tests.client import TTSClient
 from tests.deploy.fleet import (
     API_KEY,
+    ROOT,
     AUTH,
     Fleet,
     async_wait_until,
@@ -64,6 +66,19 @@ def fleet_factory(tmp_path: Path) -> Iterator:
     yield start
     for fleet in fleets:
         fleet.cleanup()
+
+
+def test_shipped_config_is_valid():
+    haproxy = require_haproxy()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TTS_LB_")}  # the defaults
+    check = subprocess.run(
+        [haproxy, "-c", "-f", str(ROOT / "deploy" / "haproxy" / "haproxy.cfg")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "Configuration file is valid" in check.stdout + check.stderr
 
 
 def _redispatched_upgrades(fleet: Fleet) -> int:
