@@ -37,8 +37,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from tests.client import TTSClient
 from tests.deploy.fleet import (
     API_KEY,
-    ROOT,
     AUTH,
+    ROOT,
     Fleet,
     async_wait_until,
     connect_call,
