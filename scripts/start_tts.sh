@@ -21,6 +21,8 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".[$extras]"
   touch "$stamp"
 fi
+# TTS_SETUP_ONLY=1: install and stop here (scripts/start_multi_gpu.sh, before its sidecars start)
+[ "${TTS_SETUP_ONLY:-0}" = 1 ] && exit 0
 export TTS_STREAMING="${TTS_STREAMING:-false}"
 # exec: SIGTERM from systemd or the shell reaches the server itself
 exec .venv/bin/python -m chatterbox_sidecar "$@"
