@@ -190,6 +190,8 @@ async def test_http_synthesis_counts_against_capacity(sidecar_factory):
         await asyncio.sleep(0.05)
     status, health = sidecar.get_json("/health/ready")
     assert status == 503 and health["status"] == "at_capacity"
+    assert _metric(sidecar, "tts_capacity") == 1
+    assert _metric(sidecar, "tts_active_streams") == 1
     assert sidecar.get_json("/health/live")[0] == 200
     status, err = sidecar.get_json("/v1/synthesize?text=Hi")
     assert status == 503 and err["code"] == "busy"

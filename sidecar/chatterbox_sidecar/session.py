@@ -202,9 +202,10 @@ class Context:
 class Playback:
     """A listener's playback of one context, as the server sees it from what it sent when.
 
-    Playback starts when the first audio byte is sent and runs in real time; a chunk sent more
-    than ``UNDERRUN_TOLERANCE_S`` after playback reached its start is an underrun (the listener
-    heard a gap), and playback resumes from there.
+    Playback starts when the first audio byte is sent and runs in real time; a chunk sent after
+    playback reached its start makes the player wait and resume from it, and a wait of more
+    than ``UNDERRUN_TOLERANCE_S`` is an underrun (the listener heard a gap). The same model as
+    ``scripts/bench_tts.py``'s ``continuity``, which measures it at the client.
     """
 
     def __init__(self, bytes_per_second: float):
@@ -231,11 +232,12 @@ class Playback:
             self._start = now
         else:
             late = now - (self._start + self._audio_s)
+            if late > 0:
+                self._start += late  # the player waited for this chunk; it resumes from here
             if late > UNDERRUN_TOLERANCE_S:
                 self.underruns += 1
                 self.underrun_seconds += late
                 self.longest_gap = max(self.longest_gap, late)
-                self._start += late
         self._audio_s += size / self._bytes_per_second
 
 
