@@ -442,3 +442,28 @@ def test_decode_step_reads_no_host_made_tensor(model, tokenizer):
             tokens, _ = decoder.decode_and_sample(inputs, 64)
     assert tokens.shape == (4,)
     assert check.host_reads == [], "\n".join(check.host_reads)
+
+
+# ---------------------------------------------------------------- text checked before the GPU
+
+
+def test_text_ids_outside_the_model_are_refused_on_the_host(tmp_path, tokenizer):
+    # A checkpoint whose text embedding has 100 rows, beside the real 704-token tokenizer: an
+    # id past row 99 would be a device-side assert on CUDA (IndexError here); it is refused
+    # before any tensor is indexed.
+    from .t3_checkpoint import _write, random_t3_state
+
+    state = random_t3_state(n_layers=1, seed=3, hidden=128, intermediate=256)
+    for key in ("text_emb.weight", "text_head.weight"):
+        if key in state:
+            state[key] = state[key][:100].contiguous()
+    path = _write(tmp_path, state)
+    small = T3Model.from_safetensors(path / "t3_cfg.safetensors", max_positions=256)
+    assert small.config.text_vocab_size == 100
+    decoder = T3BatchDecoder(small, tokenizer, max_batch_size=1, max_seq_len=256)
+    with pytest.raises(ValueError, match="outside T3's text vocabulary"):
+        with torch.inference_mode():
+            decoder.add(request("r", text="Zebras quietly vex jumpy wizards."))
+    assert not decoder.active_ids
+    with pytest.raises(IndexError):  # what the guard keeps from the embedding (on CUDA: assert)
+        small.text_emb(torch.tensor([255]))

@@ -217,6 +217,29 @@ class T3BatchDecoder:
                     results[i] = out
         return results  # type: ignore[return-value]
 
+    def _text_ids(self, text: str) -> list[int]:
+        """Token ids of ``text``, checked on the host against the model's tables.
+
+        An id past the text embedding or a prompt past the text position table would index
+        out of range on the GPU: a device-side assert that poisons the whole process.
+
+        Raises:
+            ValueError: If an id or the length is out of range.
+        """
+        ids = self.tokenizer.encode(text)
+        config = self.model.config
+        if len(ids) > config.text_positions:
+            raise ValueError(
+                f"text of {len(ids)} tokens exceeds T3's {config.text_positions} text positions"
+            )
+        bad = next((i for i in ids if not 0 <= i < config.text_vocab_size), None)
+        if bad is not None:
+            raise ValueError(
+                f"text token id {bad} is outside T3's text vocabulary ({config.text_vocab_size}); "
+                "tokenizer.json does not match t3_cfg.safetensors"
+            )
+        return ids
+
     def _admit(self, request: T3Request) -> tuple[_Active, list[Tensor]]:
         """Check ``request``, embed its prompt rows, and give it slots and parameters."""
         if request.request_id in self._active:
@@ -224,7 +247,7 @@ class T3BatchDecoder:
         if not self.can_admit(request):
             raise ValueError("no free KV-cache slots")
         model = self.model
-        text_ids = torch.tensor(self.tokenizer.encode(request.text), dtype=torch.long)
+        text_ids = torch.tensor(self._text_ids(request.text), dtype=torch.long)
         cond = self._conditioning(request)
         rows = [model.prompt_embeds(cond, text_ids, unconditional=False)]
         if request.cfg_weight != 0:
