@@ -3,9 +3,9 @@
 Each entry of ``CRASHERS`` and ``SOMETIMES`` killed the whole sidecar before issue 18 (piper-tts
 1.3, espeak-ng in its ``espeakbridge``), through the websocket, ``GET /v1/synthesize`` or both;
 they come from the adversarial pass of issue 18 and from probing runs of dotted letters.
-``SURVIVORS`` are look-alikes that were spoken. The strategy ``hostile_texts`` builds texts of the same shapes
-(repeated abbreviations, dotted initials, URLs, e-mail addresses, digit runs, mixed scripts,
-control and combining characters) for fuzzing a live server.
+``SURVIVORS`` are look-alikes that were spoken. The strategy ``hostile_texts`` builds texts of
+the same shapes (repeated abbreviations, dotted initials, URLs, e-mail addresses, digit runs,
+mixed scripts, control and combining characters) for fuzzing a live server.
 """
 
 from __future__ import annotations
