@@ -77,7 +77,7 @@ FORMATS = {
         AudioFormat("opus", "audio/ogg", "OGG", "OPUS", OPUS_RATES),
     )
 }
-UNSUPPORTED_FORMATS = {"aac": "no AAC encoder ships in a Python wheel (libsndfile has none)"}
+UNSUPPORTED_FORMATS = {"aac": "libsndfile, bundled by the soundfile wheel, has no AAC encoder"}
 
 
 def wav_header(sample_rate: int, encoding: str, samples: int | None) -> bytes:
