@@ -11,6 +11,8 @@ import base64
 import io
 import json
 import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import av
@@ -18,6 +20,12 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
+from chatterbox_sidecar.app import App
+from chatterbox_sidecar.config import SidecarConfig
+from chatterbox_sidecar.engines.base import SynthesisParams
+from chatterbox_sidecar.engines.piper import PiperEngine
+from chatterbox_sidecar.server import SidecarServer
+from chatterbox_sidecar.voices import Voice, VoiceStore
 from websockets.asyncio.client import connect
 
 from tests.asr import transcribe, word_error_rate
@@ -483,3 +491,69 @@ async def test_audio_limit_mid_stream_cuts_the_body(sidecar_factory):
         assert last["type"] == "error" and last["error"]["code"] == "text_too_long"
         status, _, data = await _post(session, sidecar, "/v1/synthesize", {"text": "Hi."})
         assert status == 200
+
+
+# --- engine failures ----------------------------------------------------------------------
+
+
+class FaultingPiperEngine(PiperEngine):
+    """The real piper engine; a segment holding FAULT raises a CUDA-style device fault.
+
+    A fault injected at the engine boundary: no GPU here. The message is the CUDA runtime's
+    wording, which is what marks an exception as a device fault.
+    """
+
+    async def synthesize(
+        self, segments: AsyncIterator[str], params: SynthesisParams, voice: Voice | None
+    ) -> AsyncIterator[np.ndarray]:
+        async for chunk in super().synthesize(self._check(segments), params, voice):
+            yield chunk
+
+    @staticmethod
+    async def _check(segments: AsyncIterator[str]) -> AsyncIterator[str]:
+        async for segment in segments:
+            if "FAULT" in segment.upper():
+                raise RuntimeError("CUDA error: device-side assert triggered")
+            yield segment
+
+
+@pytest.fixture
+async def faulting_server(tmp_path: Path):
+    config = SidecarConfig(host="127.0.0.1", port=0, voices_dir=tmp_path / "voices")
+    app = App(config, FaultingPiperEngine(max_concurrency=2), VoiceStore(config.voices_dir))
+    server = SidecarServer(app)
+    await server.start()
+    await app.start_engine()
+    yield app, f"http://127.0.0.1:{server.port}"
+    await server.close()
+    await app.engine.close()
+
+
+async def test_device_fault_in_a_streamed_synthesis(faulting_server):
+    app, url = faulting_server
+    async with aiohttp.ClientSession() as session:
+        body = {"text": "This sentence is fine. This one hits a fault.", "streaming": True}
+        with pytest.raises(aiohttp.ClientPayloadError):  # cut off, not a short "whole" file
+            async with session.post(f"{url}/v1/synthesize", json=body) as r:
+                assert r.status == 200
+                await r.read()
+        async with session.get(f"{url}/health/live") as r:
+            assert r.status == 503
+        assert app.active_streams == 0
+        # new work is refused from now on, in each route's shape
+        async with session.post(f"{url}/v1/synthesize", json={"text": "Hi."}) as r:
+            assert r.status == 500 and (await r.json())["code"] == "engine_error"
+        speech = {"model": "tts-1", "voice": "alloy", "input": "Hi."}
+        async with session.post(f"{url}/v1/audio/speech", json=speech) as r:
+            error = (await r.json())["error"]
+            assert r.status == 500 and error["type"] == "server_error"
+            assert "restarted" in error["message"]
+
+
+async def test_device_fault_before_the_first_audio_is_an_error_status(faulting_server):
+    app, url = faulting_server
+    async with aiohttp.ClientSession() as session:
+        speech = {"model": "tts-1", "voice": "alloy", "input": "A fault at once."}
+        async with session.post(f"{url}/v1/audio/speech", json=speech) as r:
+            assert r.status == 500 and (await r.json())["error"]["code"] == "engine_error"
+    assert app.device_fault is not None and app.active_streams == 0
