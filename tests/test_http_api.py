@@ -306,6 +306,16 @@ async def test_voice_upload_list_delete(sidecar):
             assert r.status == 400 and (await r.json())["code"] == "invalid_request"
         async with session.delete(f"{base}/v1/voices/bob") as r:
             assert r.status == 200
+        # an OpenAI voice name is the default voice, unless a voice of that name is registered
+        speech = {"model": "tts-1", "voice": "nova", "input": "Hi.", "response_format": "pcm"}
+        status, _, _ = await _post(session, sidecar, "/v1/audio/speech", speech)
+        assert status == 200
+        body = {"voice_id": "nova", "reference_audio": _b64(wav)}
+        assert (await _post(session, sidecar, "/v1/voices", body))[0] == 201
+        status, _, data = await _post(session, sidecar, "/v1/audio/speech", speech)
+        assert status == 400 and json.loads(data)["error"]["code"] == "unsupported"
+        async with session.delete(f"{base}/v1/voices/nova") as r:
+            assert r.status == 200
     listed = {v["voice_id"] for v in sidecar.get_json("/v1/voices")[1]["voices"]}
     assert listed == {"default"}
     assert not (sidecar.voices_dir / "alice").exists()

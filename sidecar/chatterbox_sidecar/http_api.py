@@ -187,8 +187,10 @@ class HttpApi:
     async def speech(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/audio/speech``: OpenAI's speech API."""
         obj = await self._json_body(request)
-        voice_ids = {v.voice_id for v in self._app.voices.list()}
-        speech = openai_api.parse_speech(obj, self.model_names, voice_ids)
+        voices = self._app.voices
+        speech = openai_api.parse_speech(
+            obj, self.model_names, lambda voice_id: voices.get(voice_id) is not None
+        )
         return await self._audio(
             request,
             speech.synthesize,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,13 +52,16 @@ class SpeechRequest:
     stream: bool
 
 
-def parse_speech(obj: Any, model_names: tuple[str, ...], voice_ids: set[str]) -> SpeechRequest:
+def parse_speech(
+    obj: Any, model_names: tuple[str, ...], is_registered: Callable[[str], bool]
+) -> SpeechRequest:
     """Validate an OpenAI speech request.
 
     Args:
         obj: The decoded JSON body.
         model_names: Model names this server answers to.
-        voice_ids: Voices registered here (an OpenAI name that is one of them is that voice).
+        is_registered: Tells whether a voice id is registered here (an OpenAI voice name that
+            is one is that voice, not the default).
 
     Returns:
         The request.
@@ -79,7 +83,7 @@ def parse_speech(obj: Any, model_names: tuple[str, ...], voice_ids: set[str]) ->
     text = _field(fields.str, "input")
     if not text.strip():
         raise HttpError(400, "invalid_request", "'input' must not be empty", "input")
-    voice_id = _voice(obj.get("voice"), voice_ids)
+    voice_id = _voice(obj.get("voice"), is_registered)
     name = _field(fields.str, "response_format", "mp3")
     fmt = FORMATS.get(name)
     if fmt is None:
@@ -143,14 +147,14 @@ def _param_of(message: str) -> str | None:
     return None
 
 
-def _voice(value: Any, voice_ids: set[str]) -> str:
+def _voice(value: Any, is_registered: Callable[[str], bool]) -> str:
     if isinstance(value, dict):  # OpenAI's custom voice object
         value = value.get("id")
     if not isinstance(value, str):
         raise HttpError(
             400, "invalid_request", "'voice' must be a voice id or {\"id\": voice id}", "voice"
         )
-    if value.lower() in OPENAI_VOICES and value not in voice_ids:
+    if value.lower() in OPENAI_VOICES and not is_registered(value):
         return "default"
     try:
         return protocol.check_voice_id(value)

@@ -118,7 +118,7 @@ class SidecarServer:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Answer unknown routes and methods in the protocol's error shape."""
+        """Answer unknown routes, methods and oversized bodies in the route's error shape."""
         path = request.path
         try:
             return await handler(request)
