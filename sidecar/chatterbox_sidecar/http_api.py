@@ -312,6 +312,9 @@ class HttpApi:
             if sse:
                 await send_raw(response, openai_api.sse_done(resampler.seconds_out), app)
             await response.write_eof()
+        except asyncio.CancelledError:
+            logger.info(f"{context_id}: the client went away; synthesis stopped")
+            raise
         except TimeoutError:
             app.metrics.stalls.inc()
             app.metrics.errors.labels("stalled").inc()
