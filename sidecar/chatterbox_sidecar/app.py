@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import aclosing, contextmanager
 
 import numpy as np
 from loguru import logger
@@ -348,10 +348,72 @@ class App:
                 context_id,
             )
 
-    async def synthesize_wav(self, text: str, voice_id: str, sample_rate: int) -> bytes:
-        """Synthesize a whole text into a WAV file (the one-shot HTTP route).
+    async def synthesize_stream(
+        self, text: str, params: SynthesisParams, context_id: str = "http"
+    ) -> AsyncIterator[np.ndarray]:
+        """Synthesize a whole text for an HTTP route, chunk by chunk as the engine makes them.
 
-        The synthesis counts as one stream against the capacity while it runs.
+        Everything a request can be refused for (an unknown or unusable voice, capacity, the
+        audio-seconds estimate) is raised before the first chunk, so a route that waits for it
+        can still answer with an error status. The synthesis counts as one stream against the
+        capacity until the iterator ends or is closed; closing it (or cancelling its consumer)
+        stops the engine within one chunk.
+
+        Args:
+            text: The text, already checked against the length limit and cleaned.
+            params: Generation parameters (a validated ``voice_id``).
+            context_id: Names the synthesis in logs.
+
+        Yields:
+            Float32 mono chunks at the engine's native rate.
+
+        Raises:
+            ProtocolError: ``voice_not_found``, ``unsupported``, ``busy``, ``text_too_long``
+                (the estimate, or the audio reaching ``TTS_MAX_AUDIO_SECONDS``).
+            EngineError: If synthesis fails (device faults are recorded as on the websocket).
+        """
+        voice = self.resolve_voice(params.voice_id)
+        info = self.engine.info
+        max_samples = self.config.max_audio_seconds * info.native_sample_rate
+        samples = 0
+        with self.http_stream():
+            pieces = await asyncio.to_thread(split_text, text, info.max_segment_chars)
+            self.check_audio_estimate(sum(len(p) for p in pieces))
+
+            async def segments():
+                for segment in pieces:
+                    yield segment
+
+            stream = self.engine.synthesize(segments(), params, voice)
+            try:
+                async for chunk in stream:
+                    samples += len(chunk)
+                    if samples > max_samples:  # the estimate let it through; the audio did not
+                        raise ProtocolError(
+                            "text_too_long",
+                            f"the audio reached the limit of {self.config.max_audio_seconds:g} s",
+                        )
+                    yield chunk
+            except (ProtocolError, asyncio.CancelledError, GeneratorExit):
+                raise
+            except Exception as e:
+                if isinstance(e, EngineError) and not is_device_fault(e):
+                    if not e.caused_by_input:
+                        self.record_engine_outcome(str(e))
+                    raise
+                _, message = self.record_failure(e, context_id)
+                self.record_engine_outcome(message)
+                raise EngineError(message) from e
+            finally:
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await asyncio.shield(aclose())
+        self.record_engine_outcome(None)
+        self.metrics.characters.inc(len(text))
+        self.metrics.audio_seconds.inc(samples / info.native_sample_rate)
+
+    async def synthesize_wav(self, text: str, voice_id: str, sample_rate: int) -> bytes:
+        """Synthesize a whole text into a WAV file (the one-shot ``GET /v1/synthesize``).
 
         Args:
             text: The text, already checked against the length limit and cleaned.
@@ -362,32 +424,13 @@ class App:
             The WAV file's bytes (16-bit PCM, mono).
 
         Raises:
-            ProtocolError: ``voice_not_found``, ``unsupported``, ``busy``, ``text_too_long``.
+            ProtocolError: As :meth:`synthesize_stream`.
             EngineError: If synthesis fails.
         """
-        voice = self.resolve_voice(voice_id)
-        info = self.engine.info
-        with self.http_stream():
-            pieces = await asyncio.to_thread(split_text, text, info.max_segment_chars)
-            self.check_audio_estimate(sum(len(p) for p in pieces))
-
-            async def segments():
-                for segment in pieces:
-                    yield segment
-
-            params = SynthesisParams(voice_id=voice_id, streaming=False, context_id="http")
-            try:
-                chunks = [c async for c in self.engine.synthesize(segments(), params, voice)]
-            except Exception as e:
-                if isinstance(e, EngineError) and not is_device_fault(e):
-                    if not e.caused_by_input:
-                        self.record_engine_outcome(str(e))
-                    raise
-                _, message = self.record_failure(e, "http")
-                self.record_engine_outcome(message)
-                raise EngineError(message) from e
-        self.record_engine_outcome(None)
+        params = SynthesisParams(voice_id=voice_id, streaming=False, context_id="http")
+        stream = self.synthesize_stream(text, params)
+        async with aclosing(stream):
+            chunks = [chunk async for chunk in stream]
         audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
-        self.metrics.characters.inc(len(text))
-        self.metrics.audio_seconds.inc(len(audio) / info.native_sample_rate)
-        return wav_bytes(resample(audio, info.native_sample_rate, sample_rate), sample_rate)
+        rate = self.engine.info.native_sample_rate
+        return wav_bytes(resample(audio, rate, sample_rate), sample_rate)

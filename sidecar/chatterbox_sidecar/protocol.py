@@ -66,6 +66,23 @@ class ProtocolError(Exception):
         self.context_id = context_id
 
 
+class HttpError(ProtocolError):
+    """A request an HTTP route refuses with a given status, naming the field at fault."""
+
+    def __init__(self, status: int, code: str, message: str, param: str | None = None):
+        """Initialize the error.
+
+        Args:
+            status: HTTP status.
+            code: One of ``ERROR_CODES`` (or OpenAI's ``model_not_found`` on its routes).
+            message: Human-readable explanation.
+            param: The request field at fault, if any.
+        """
+        super().__init__(code, message)
+        self.status = status
+        self.param = param
+
+
 @dataclass(frozen=True)
 class Synthesize:
     """A ``synthesize`` message: text for a context, opening it or appending to it."""
@@ -180,6 +197,9 @@ class _Fields:
         return value
 
 
+Fields = _Fields  # typed field access, for the HTTP routes' JSON bodies
+
+
 def _context_id(fields: _Fields, required: bool) -> str | None:
     value = fields.str("context_id", _MISSING if required else None)
     if value is not None and not CONTEXT_ID_PATTERN.fullmatch(value):
@@ -242,6 +262,52 @@ def parse_client_message(raw: str) -> ClientMessage:
     if kind == "keepalive":
         return KeepAlive()
     raise ProtocolError("unknown_type", f"unknown message type '{kind[:64]}'")
+
+
+def parse_synthesis_fields(obj: dict[str, Any]) -> Synthesize:
+    """Parse a JSON object holding a ``synthesize`` message's fields (the HTTP routes' bodies).
+
+    Args:
+        obj: The decoded object; ``type`` is not needed.
+
+    Returns:
+        The request, validated as a websocket ``synthesize`` message is.
+
+    Raises:
+        ProtocolError: ``invalid_request`` for a missing, wrongly typed or out-of-range field.
+    """
+    return _parse_synthesize(Fields(obj))
+
+
+def parse_register_voice(obj: dict[str, Any]) -> RegisterVoice:
+    """Parse a JSON object holding a ``register_voice`` message's fields (``POST /v1/voices``).
+
+    Args:
+        obj: The decoded object; ``type`` is not needed.
+
+    Returns:
+        The request, its reference audio base64-decoded.
+
+    Raises:
+        ProtocolError: ``invalid_request`` (bad ``voice_id``) or ``invalid_audio`` (not base64).
+    """
+    fields = Fields(obj)
+    return RegisterVoice(_voice_id(fields), _decode_audio(fields.str("reference_audio")))
+
+
+def check_voice_id(voice_id: str) -> str:
+    """Check a voice id from outside a JSON body (an HTTP path or form field).
+
+    Args:
+        voice_id: The id.
+
+    Returns:
+        The id, unchanged.
+
+    Raises:
+        ProtocolError: ``invalid_request`` if it does not match ``VOICE_ID_PATTERN``.
+    """
+    return _voice_id(Fields({"voice_id": voice_id}))
 
 
 def clean_text(text: str, context_id: str | None = None) -> str:

@@ -16,9 +16,10 @@ from http import HTTPStatus
 from aiohttp import WSMsgType, web
 from loguru import logger
 
-from chatterbox_sidecar import protocol
+from chatterbox_sidecar import http_api, protocol
 from chatterbox_sidecar.app import App
 from chatterbox_sidecar.engines.base import EngineError
+from chatterbox_sidecar.http_api import STATUS_OF_CODE, HttpApi
 from chatterbox_sidecar.protocol import ProtocolError
 from chatterbox_sidecar.session import Session
 from chatterbox_sidecar.voices import VOICE_ID_PATTERN
@@ -26,16 +27,6 @@ from chatterbox_sidecar.voices import VOICE_ID_PATTERN
 OPEN_PATHS = frozenset({"/health", "/health/live", "/health/ready"})
 HEARTBEAT_S = 20.0  # websocket pings; a client that does not answer within half of it is gone
 HEADER_TIMEOUT_S = 15.0  # a connection that has not sent a whole request by then is closed
-STATUS_OF_CODE = {
-    "busy": HTTPStatus.SERVICE_UNAVAILABLE,
-    "not_ready": HTTPStatus.SERVICE_UNAVAILABLE,
-    "voice_not_found": HTTPStatus.NOT_FOUND,
-    "not_found": HTTPStatus.NOT_FOUND,
-    "quota_exceeded": HTTPStatus.INSUFFICIENT_STORAGE,
-    "engine_error": HTTPStatus.INTERNAL_SERVER_ERROR,
-    "internal_error": HTTPStatus.INTERNAL_SERVER_ERROR,
-}
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -88,6 +79,7 @@ class SidecarServer:
         self.web_app.router.add_get("/metrics", self._metrics)
         self.web_app.router.add_get("/v1/voices", self._voices)
         self.web_app.router.add_get("/v1/synthesize", self._synthesize_wav)
+        HttpApi(app).register(self.web_app.router)
 
     @property
     def port(self) -> int:
@@ -126,20 +118,25 @@ class SidecarServer:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Answer unknown routes and methods in the protocol's error shape."""
+        """Answer unknown routes, methods and oversized bodies in the route's error shape."""
+        path = request.path
         try:
             return await handler(request)
         except web.HTTPNotFound:
-            return error_response(HTTPStatus.NOT_FOUND, "not_found", f"no route {request.path}")
+            return http_api.error_response(
+                path, HTTPStatus.NOT_FOUND, "not_found", f"no route {request.path}"
+            )
         except web.HTTPMethodNotAllowed as e:
-            return error_response(
+            return http_api.error_response(
+                path,
                 HTTPStatus.METHOD_NOT_ALLOWED,
                 "invalid_request",
                 f"{request.method} is not allowed on {request.path}",
-                {"Allow": ", ".join(sorted(e.allowed_methods))},
+                headers={"Allow": ", ".join(sorted(e.allowed_methods))},
             )
         except web.HTTPRequestEntityTooLarge:
-            return error_response(
+            return http_api.error_response(
+                path,
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 "invalid_request",
                 f"body exceeds {self._app.config.max_frame_bytes} bytes",
@@ -151,16 +148,20 @@ class SidecarServer:
         if request.path in OPEN_PATHS:
             return await handler(request)
         if len(request.headers.getall("Authorization", [])) > 1:
-            return error_response(
-                HTTPStatus.BAD_REQUEST, "invalid_request", "more than one Authorization header"
+            return http_api.error_response(
+                request.path,
+                HTTPStatus.BAD_REQUEST,
+                "invalid_request",
+                "more than one Authorization header",
             )
         if not self._authorized(request):
             self._app.metrics.connections_rejected.labels("unauthorized").inc()
-            return error_response(
+            return http_api.error_response(
+                request.path,
                 HTTPStatus.UNAUTHORIZED,
                 "unauthorized",
                 "missing or invalid API key",
-                {"WWW-Authenticate": 'Bearer realm="tts"'},
+                headers={"WWW-Authenticate": 'Bearer realm="tts"'},
             )
         return await handler(request)
 
