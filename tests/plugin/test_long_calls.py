@@ -28,8 +28,8 @@ IDLE_SECONDS = 1.5
 
 def started(live: LivePipeline, after: int = 0):
     """A predicate for the next TTSStartedFrame beyond the first ``after`` seen."""
-    return lambda f: isinstance(f, TTSStartedFrame) and (
-        len(of_type(live.down, TTSStartedFrame)) > after
+    return lambda f: (
+        isinstance(f, TTSStartedFrame) and (len(of_type(live.down, TTSStartedFrame)) > after)
     )
 
 
