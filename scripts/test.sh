@@ -21,4 +21,4 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 step "running pytest $*"
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest --durations=15 "$@"
