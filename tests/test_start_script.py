@@ -12,7 +12,6 @@ import shutil
 import signal
 import site
 import subprocess
-import sys
 import venv
 from pathlib import Path
 
