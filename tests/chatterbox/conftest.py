@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
+# What tests/conftest.py asks for, in case torch was imported before it could say.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 pytest.importorskip("chatterbox_vllm.models.s3gen")
 
 from .s3gen_checkpoint import write_random_s3gen_model_dir  # noqa: E402
@@ -33,7 +36,6 @@ def s3gen_model(s3gen_model_dir: Path):
     """S3Gen loaded from the random checkpoint through the engine's loader."""
     from chatterbox_sidecar.engines.chatterbox.s3gen_loader import load_s3gen
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     return load_s3gen(s3gen_model_dir / "s3gen.safetensors", "cpu")
 
 
