@@ -237,6 +237,11 @@ async def run_bot(websocket: WebSocket, config: BotConfig):
     async def on_user_turn_stopped(aggregator, strategy, message):
         logger.info(f"call {call_sid}: caller said {message.content!r}")
 
+    @worker.event_handler("on_pipeline_started")
+    async def on_pipeline_started(worker, frame):
+        # Audio from before this moment (while the call's Whisper model loads) is not heard.
+        logger.info(f"call {call_sid}: listening")
+
     @transport.event_handler("on_client_connected")
     async def on_client_connected(transport, client):
         if config.greeting:

@@ -130,6 +130,12 @@ class BotServer:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    async def wait_for_log(self, text: str, timeout: float = 60.0) -> None:
+        """Wait until the bot's log has ``text`` (for example a call's ``listening``)."""
+        async with asyncio.timeout(timeout):
+            while text not in self.log_text():  # noqa: ASYNC110 - a file written by another process
+                await asyncio.sleep(0.05)
+
 
 def caller_audio(sidecar, text: str) -> bytes:
     """The piper voice saying ``text``, as trimmed 8 kHz mu-law."""
