@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up .venv with everything the tests need (first run), then run the test suite on every core.
+# Set up .venv with everything the tests need (first run), then run the test suite on every core
+# (pytest-xdist, one test file per worker at a time) and list the 15 slowest tests.
 # Extra arguments go to pytest, e.g. scripts/test.sh tests/test_protocol_server.py -x
-# (pytest-xdist: -n 0 runs in one process; -m "not slow" skips the slow end-to-end tests).
+# (-n 0 runs in one process; -m "not slow" skips the slowest end-to-end tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_venv.sh
@@ -21,4 +22,4 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 step "running pytest $*"
-exec .venv/bin/python -m pytest --durations=15 "$@"
+exec .venv/bin/python -m pytest -n auto --dist loadfile --durations=15 "$@"
