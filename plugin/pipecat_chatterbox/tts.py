@@ -636,7 +636,8 @@ class ChatterboxTTSService(WebsocketTTSService):
         The base class reports every context that completes without audio and writes the
         service off after a few in a row. A context the sidecar refused (a mistyped voice,
         say) has been reported as the sidecar's own error already; counting it as well would
-        report it twice and make a few bad turns in a row fatal.
+        report it twice and make a few bad turns in a row fatal. (Pipecat 1.14's own hook,
+        called once per completed context; the ``pipecat`` extra pins 1.14.)
         """
         if context_id in self._failed_contexts:
             self._failed_contexts.remove(context_id)
