@@ -60,7 +60,7 @@ async def test_idle_past_the_sidecar_timeout_then_next_turn_speaks_without_recon
     await speak_turn(live, "Hello.")
     # Nobody speaks for three idle timeouts.
     await asyncio.sleep(3 * IDLE_SECONDS)
-    after = "Are you still there? Here is the answer."
+    after = "Are you still there? The answer comes now."
     context_id = await speak_turn(live, after)
     await live.end()
 
