@@ -95,7 +95,7 @@ async def test_mistyped_voice_fails_its_turns_only_and_a_good_voice_speaks(sidec
     # More bad turns than Pipecat's limit of silent contexts in a row (3).
     bad = [await speak_turn(live, f"Attempt number {n}.") for n in range(4)]
     await live.send(TTSUpdateSettingsFrame(delta=ChatterboxTTSService.Settings(voice="default")))
-    good_text = "Now the right voice is speaking."
+    good_text = "Thank you for calling. How can I help you today?"
     good = await speak_turn(live, good_text)
     await live.end()
 
