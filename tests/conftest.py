@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -9,6 +10,12 @@ import pytest
 from chatterbox_sidecar.process import SidecarProcess
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# One compute thread per process (torch, and the sidecars and bots the tests start, which
+# inherit it). With a thread per core, torch's threads spin waiting for each other whenever
+# another process holds a core: on a 2-core machine shared with sidecars and a second test
+# worker, the S3Gen tests ran ~5x slower than with one thread. Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture

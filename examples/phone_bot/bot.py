@@ -33,12 +33,12 @@ from pipecat.transports.websocket.fastapi import (
 from pipecat.workers.runner import WorkerRunner
 from pipecat_chatterbox import ChatterboxTTSService
 from starlette.websockets import WebSocket
+from whisper_model import DEFAULT as DEFAULT_WHISPER_MODEL
 
 if TYPE_CHECKING:
     from pipecat.services.whisper.stt import WhisperSTTService
 
 DEFAULT_TTS_URL = "ws://localhost:8002/v1/stream/tts"
-DEFAULT_WHISPER_MODEL = "base.en"
 DEFAULT_LLM_MODEL = "gpt-4.1-mini"
 DEFAULT_GREETING = "Hello! Thanks for calling. How can I help you today?"
 DEFAULT_SYSTEM_PROMPT = (
@@ -236,6 +236,11 @@ async def run_bot(websocket: WebSocket, config: BotConfig):
     @user_aggregator.event_handler("on_user_turn_stopped")
     async def on_user_turn_stopped(aggregator, strategy, message):
         logger.info(f"call {call_sid}: caller said {message.content!r}")
+
+    @worker.event_handler("on_pipeline_started")
+    async def on_pipeline_started(worker, frame):
+        # Audio from before this moment (while the call's Whisper model loads) is not heard.
+        logger.info(f"call {call_sid}: listening")
 
     @transport.event_handler("on_client_connected")
     async def on_client_connected(transport, client):

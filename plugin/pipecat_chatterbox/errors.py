@@ -1,23 +1,35 @@
-"""Errors reported by the chatterbox sidecar, and what they mean to Pipecat."""
+"""Errors reported by the chatterbox sidecar, and what they mean to Pipecat.
 
-from pipecat.utils.errors import ErrorCategory
+This module needs no Pipecat: the voice helpers use it from a plain sidecar install. Pipecat's
+``ErrorCategory`` is imported only when a category is asked for.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipecat.utils.errors import ErrorCategory
 
 # The sidecar answered the websocket upgrade with 401 or 403: the API key is wrong or missing.
 UNAUTHORIZED = "unauthorized"
 
-# How each protocol error code is reported to Pipecat. A permanent category (see
-# ``ErrorCategory.is_permanent``) makes the service unusable until its settings change, which
-# is right for a voice that does not exist or that this engine cannot speak: every further
-# request would fail the same way until the application picks another voice. Codes that
-# concern one request only (too much text, one malformed message) are not permanent.
-_CATEGORIES: dict[str, ErrorCategory] = {
-    UNAUTHORIZED: ErrorCategory.AUTHENTICATION,
-    "voice_not_found": ErrorCategory.INVALID_REQUEST,
-    "unsupported": ErrorCategory.INVALID_REQUEST,
-    "busy": ErrorCategory.RATE_LIMIT,
-    "engine_error": ErrorCategory.SERVER,
-    "invalid_audio": ErrorCategory.APPLICATION,
-    "text_too_long": ErrorCategory.APPLICATION,
+# How each protocol error code is reported to Pipecat, by ``ErrorCategory`` value. Only a
+# refused key is permanent (``ErrorCategory.is_permanent``): it makes the service unusable,
+# and every further request would fail the same way. A voice that does not exist or that the
+# engine cannot speak (``voice_not_found``, ``unsupported``) fails that turn only: it is the
+# application's choice, says nothing about the sidecar's health, and the next turn with a good
+# voice speaks, so it is ``application`` like text that is too long.
+_CATEGORIES: dict[str, str] = {
+    UNAUTHORIZED: "authentication",
+    "voice_not_found": "application",
+    "unsupported": "application",
+    "text_too_long": "application",
+    "invalid_audio": "application",
+    "busy": "rate_limit",
+    "not_ready": "server",
+    "engine_error": "server",
+    "internal_error": "server",
 }
 
 
@@ -47,7 +59,7 @@ class SidecarError(Exception):
 
     @property
     def category(self) -> ErrorCategory:
-        """Returns: the Pipecat error category for this error's code."""
+        """Returns: the Pipecat error category for this error's code (needs pipecat-ai)."""
         return category_for_code(self.code)
 
 
@@ -60,7 +72,9 @@ def category_for_code(code: str) -> ErrorCategory:
     Returns:
         The category; ``ErrorCategory.UNKNOWN`` (not permanent) for codes with no mapping.
     """
-    return _CATEGORIES.get(code, ErrorCategory.UNKNOWN)
+    from pipecat.utils.errors import ErrorCategory
+
+    return ErrorCategory(_CATEGORIES.get(code, ErrorCategory.UNKNOWN.value))
 
 
 def auth_headers(api_key: str | None) -> dict[str, str]:

@@ -5,7 +5,9 @@ The sidecar (``python -m chatterbox_sidecar``) serves protocol v1 on
 sidecar context: every sentence (or LLM token) goes out as a ``synthesize`` message with
 ``continue: true``, the end of the turn as ``flush``, and an interruption as ``cancel``. The
 sidecar answers ``started``, raw ``pcm_s16le`` audio at the pipeline's output rate, then
-``done``, which closes the context at once.
+``done``, which closes the context at once. While connected, the service sends ``keepalive``
+at a third of the sidecar's idle timeout (at most every 20 s), so an idle call is never
+closed under it.
 """
 
 import asyncio
@@ -40,6 +42,12 @@ _CONTEXT_SETTINGS = frozenset({"voice", "exaggeration", "cfg_weight", "temperatu
 
 # Contexts ended recently, remembered so a late flush or cancel for them sends nothing.
 _ENDED_MEMORY = 64
+
+# The sidecar closes a connection with no context and no message for its
+# ``limits.idle_timeout_seconds``; a keepalive goes out at this fraction of it ...
+KEEPALIVE_FRACTION = 1 / 3
+# ... and at least this often (seconds), which is also the interval before ``ready`` says.
+KEEPALIVE_MAX_INTERVAL = 20.0
 
 
 @dataclass
@@ -155,6 +163,11 @@ class ChatterboxTTSService(WebsocketTTSService):
         self._ended_contexts: deque[str] = deque(maxlen=_ENDED_MEMORY)
         # Voice requests awaiting their replies.
         self._voice_requests: list[tuple[dict[str, Any], asyncio.Future]] = []
+        # Contexts the sidecar ended with an error: reported as that error, not also as a
+        # context that completed without audio.
+        self._failed_contexts: deque[str] = deque(maxlen=_ENDED_MEMORY)
+        # False once the sidecar has answered ``keepalive`` with ``unknown_type``.
+        self._keepalive_supported = True
 
     def can_generate_metrics(self) -> bool:
         """Check if this service can generate processing metrics.
@@ -207,16 +220,38 @@ class ChatterboxTTSService(WebsocketTTSService):
             self._receive_task = self.create_task(
                 self._receive_task_handler(self._report_error), name="receive"
             )
+        if self._websocket and self._keepalive_supported:
+            # Replaced by one at the sidecar's own pace when its ``ready`` arrives.
+            self._create_keepalive_task(self._keepalive_interval())
 
     async def _disconnect(self):
-        """Stop the receive task and close the websocket."""
+        """Stop the receive and keepalive tasks and close the websocket."""
         await super()._disconnect()
 
+        await self._cancel_keepalive_task()
         if self._receive_task:
             await self.cancel_task(self._receive_task)
             self._receive_task = None
 
         await self._disconnect_websocket()
+
+    def _keepalive_interval(self) -> float:
+        """Returns: seconds between keepalives, from the sidecar's idle timeout if known."""
+        limits = self._server_info.get("limits")
+        idle = limits.get("idle_timeout_seconds") if isinstance(limits, dict) else None
+        if isinstance(idle, int | float) and not isinstance(idle, bool) and idle > 0:
+            return min(KEEPALIVE_MAX_INTERVAL, idle * KEEPALIVE_FRACTION)
+        return KEEPALIVE_MAX_INTERVAL
+
+    async def _restart_keepalive(self):
+        """Run the keepalive at the pace of the sidecar that just said ``ready``."""
+        await self._cancel_keepalive_task()
+        if self._keepalive_supported:
+            self._create_keepalive_task(self._keepalive_interval())
+
+    async def _send_keepalive(self):
+        """Send ``keepalive``: the sidecar counts it as activity and does not answer it."""
+        await self._send_json({"type": "keepalive"})
 
     async def _connect_websocket(self):
         """Open the websocket, reporting a refused key as a permanent error."""
@@ -551,6 +586,7 @@ class ChatterboxTTSService(WebsocketTTSService):
             logger.debug(
                 f"{self}: sidecar ready: engine {msg.get('engine')}, version {msg.get('version')}"
             )
+            await self._restart_keepalive()
         else:
             logger.debug(f"{self}: ignoring sidecar message of type {msg_type!r}")
 
@@ -558,6 +594,14 @@ class ChatterboxTTSService(WebsocketTTSService):
         """Report an ``error`` message; one that names a context ends that context."""
         error = voices.reply_error(msg)
         context_id = error.context_id
+        if context_id is None and self._is_keepalive_refusal(error):
+            self._keepalive_supported = False
+            logger.warning(
+                f"{self}: the sidecar does not know 'keepalive' (an older sidecar); without it, "
+                "it closes a connection idle for its TTS_IDLE_SECONDS and the service reconnects"
+            )
+            await self._cancel_keepalive_task()
+            return
         if context_id is None and self._voice_requests:
             # An error with no context answers a voice request (it echoes the voice id).
             self._answer_voice_request(msg, error)
@@ -569,6 +613,7 @@ class ChatterboxTTSService(WebsocketTTSService):
             if not self.audio_context_available(context_id):
                 logger.debug(f"{self}: error for a context already ended: {error}")
                 return
+            self._failed_contexts.append(context_id)
         await self.push_error(
             error_msg=f"{self}: sidecar error [{error.code}]: {error.message}",
             exception=error,
@@ -580,6 +625,25 @@ class ChatterboxTTSService(WebsocketTTSService):
                 # The rest of the turn opens a new sidecar context.
                 self._turn_context_id = None
                 self._turn_context_id = self.create_context_id()
+
+    @staticmethod
+    def _is_keepalive_refusal(error: SidecarError) -> bool:
+        return error.code == "unknown_type" and "'keepalive'" in error.message
+
+    async def _record_context_audio_outcome(self, context_id: str, received_audio: bool):
+        """Count a silent context, unless the sidecar ended it with an error.
+
+        The base class reports every context that completes without audio and writes the
+        service off after a few in a row. A context the sidecar refused (a mistyped voice,
+        say) has been reported as the sidecar's own error already; counting it as well would
+        report it twice and make a few bad turns in a row fatal. (Pipecat 1.14's own hook,
+        called once per completed context; the ``pipecat`` extra pins 1.14.)
+        """
+        if context_id in self._failed_contexts:
+            self._failed_contexts.remove(context_id)
+            if not received_audio:
+                return
+        await super()._record_context_audio_outcome(context_id, received_audio)
 
     def _answer_voice_request(self, msg: dict[str, Any], error: SidecarError | None):
         """Resolve the pending voice request a reply answers.

@@ -2,29 +2,49 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 torch = pytest.importorskip("torch")
+# What tests/conftest.py asks for, in case torch was imported before it could say.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 pytest.importorskip("chatterbox_vllm.models.s3gen")
 
 from .s3gen_checkpoint import write_random_s3gen_model_dir  # noqa: E402
 
 
+def _run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of this test run: shared by all pytest-xdist workers, else our own."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def s3gen_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder with random full-size ``s3gen.safetensors``, ``ve.safetensors`` and ``conds.pt``."""
-    return write_random_s3gen_model_dir(tmp_path_factory.mktemp("chatterbox-model"), seed=0)
+    """A folder with random full-size ``s3gen.safetensors``, ``ve.safetensors`` and ``conds.pt``.
+
+    Written once per test run (~1 GB): the first worker to need it writes it, the others wait.
+    """
+    run_dir = _run_dir(tmp_path_factory)
+    folder = run_dir / "chatterbox-model"
+    with FileLock(run_dir / "chatterbox-model.lock"):
+        if not (folder / "written").exists():
+            write_random_s3gen_model_dir(folder, seed=0)
+            (folder / "written").touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
-def chatterbox_model_dir(s3gen_model_dir: Path) -> Path:
+def chatterbox_model_dir(s3gen_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A whole random Chatterbox model folder: S3Gen, VE, conds.pt, a 2-layer T3, tokenizer."""
     from .t3_checkpoint import write_random_t3_checkpoint
 
-    if not (s3gen_model_dir / "t3_cfg.safetensors").exists():
-        write_random_t3_checkpoint(s3gen_model_dir, n_layers=2, seed=0)
+    with FileLock(_run_dir(tmp_path_factory) / "chatterbox-model.lock"):
+        if not (s3gen_model_dir / "t3_cfg.safetensors").exists():
+            write_random_t3_checkpoint(s3gen_model_dir, n_layers=2, seed=0)
     return s3gen_model_dir
 
 
@@ -33,7 +53,6 @@ def s3gen_model(s3gen_model_dir: Path):
     """S3Gen loaded from the random checkpoint through the engine's loader."""
     from chatterbox_sidecar.engines.chatterbox.s3gen.loader import load_s3gen
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     return load_s3gen(s3gen_model_dir / "s3gen.safetensors", "cpu")
 
 

@@ -14,7 +14,7 @@ from .test_engine import collect, engine_config, scripted_model_dir, segments  #
 
 pytestmark = [pytest.mark.torch, pytest.mark.asyncio(loop_scope="module")]
 
-TEXT = "Hello there, my friend."
+TEXT = "Hi."  # 59 speech tokens: three chunks per stream (10, 25, 24)
 
 
 async def test_concurrent_streams_share_s3gen_batches(scripted_model_dir):  # noqa: F811

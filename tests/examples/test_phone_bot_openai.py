@@ -109,6 +109,9 @@ def test_openai_mode_speaks_the_llm_answer(sidecar, llm, tmp_path):
 
     async def place_call():
         async with FakeTwilioCall(bot.ws_url) as call:
+            # No greeting to wait for: speak once the call's pipeline listens (what the caller
+            # says while its Whisper model loads is not heard).
+            await bot.wait_for_log(": listening")
             said = call.say(speech)
             await asyncio.wait_for(said.done.wait(), 30)
             await call.wait_for("media", said.ended, REPLY_TIMEOUT)

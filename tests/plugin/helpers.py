@@ -86,7 +86,7 @@ class LivePipeline:
     from the same Pipecat parts as ``run_test``.
     """
 
-    def __init__(self, processor: FrameProcessor, params: PipelineParams):
+    def __init__(self, processor: FrameProcessor, params: PipelineParams, **worker_kwargs: Any):
         self._down: asyncio.Queue[Frame] = asyncio.Queue()
         self._up: asyncio.Queue[Frame] = asyncio.Queue()
         pipeline = Pipeline(
@@ -96,7 +96,9 @@ class LivePipeline:
                 QueuedFrameProcessor(queue=self._down, queue_direction=FrameDirection.DOWNSTREAM),
             ]
         )
-        self.worker = PipelineWorker(pipeline, params=params, cancel_on_idle_timeout=False)
+        self.worker = PipelineWorker(
+            pipeline, params=params, cancel_on_idle_timeout=False, **worker_kwargs
+        )
         self.down: list[Frame] = []
         self.up: list[Frame] = []
         self._task: asyncio.Task | None = None

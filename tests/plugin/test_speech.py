@@ -293,11 +293,13 @@ async def test_settings_update_reaches_sidecar_and_voice_errors(sidecar, tmp_pat
         ("unsupported", synths[2]["context_id"]),
         ("voice_not_found", synths[3]["context_id"]),
     ]
-    assert all(f.category is ErrorCategory.INVALID_REQUEST for f in sidecar_errors)
+    # A bad voice fails its turn only: not a permanent error, the service stays usable.
+    assert all(f.category is ErrorCategory.APPLICATION for f in sidecar_errors)
     assert "[voice_not_found]" in sidecar_errors[1].error
 
-    # Every context started is stopped, and the voice switch back made the service usable.
+    # Every context started is stopped; the failed ones are not also silent-context errors.
     assert len(of_type(down, TTSStartedFrame)) == len(of_type(down, TTSStoppedFrame)) == 5
+    assert len(of_type(up, ErrorFrame)) == 2, [f.error for f in of_type(up, ErrorFrame)]
     assert tts.is_usable
     assert audio_of(down, synths[4]["context_id"]).size > 0
 
