@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pipecat_chatterbox.client import ChatterboxError
+
 if TYPE_CHECKING:
     from pipecat.utils.errors import ErrorCategory
 
@@ -33,8 +35,11 @@ _CATEGORIES: dict[str, str] = {
 }
 
 
-class SidecarError(Exception):
-    """An ``error`` reply from the sidecar, or a refused connection.
+class SidecarError(ChatterboxError):
+    """An ``error`` reply from the sidecar, or a refused connection, as the service reports it.
+
+    The client's :class:`~pipecat_chatterbox.client.ChatterboxError` (so ``except
+    ChatterboxError`` catches both) with the Pipecat category of its code.
 
     Parameters:
         code: The protocol's stable error code (``voice_not_found``, ``unsupported``,
@@ -43,19 +48,6 @@ class SidecarError(Exception):
         message: The sidecar's human-readable explanation.
         context_id: The context the error ended, if it concerned one.
     """
-
-    def __init__(self, code: str, message: str, context_id: str | None = None):
-        """Initialize the error.
-
-        Args:
-            code: The protocol error code.
-            message: The human-readable explanation.
-            context_id: The context the error ended, if any.
-        """
-        super().__init__(f"[{code}] {message}")
-        self.code = code
-        self.message = message
-        self.context_id = context_id
 
     @property
     def category(self) -> ErrorCategory:

@@ -23,7 +23,6 @@ from typing import Any
 from pipecat_chatterbox.client import (
     DEFAULT_URL,
     ChatterboxClient,
-    ChatterboxError,
     error_from_message,
 )
 
@@ -44,24 +43,6 @@ REPLY_TYPES = {
     "delete_voice": "voice_deleted",
     "list_voices": "voices",
 }
-
-
-def _public_error(error: ChatterboxError) -> Exception:
-    """The error these helpers raise for a client error.
-
-    Transitional: the Pipecat service's :class:`~pipecat_chatterbox.errors.SidecarError`
-    (which adds a Pipecat error category) is still a class of its own, and callers of these
-    helpers catch it. Where Pipecat is installed the client's error is therefore re-raised as a
-    ``SidecarError`` with the same code; without Pipecat it is raised as it is. Once
-    ``SidecarError`` is the client's ``ChatterboxError``, this function goes.
-    """
-    try:
-        from pipecat_chatterbox.errors import SidecarError
-    except ImportError:  # no pipecat: the client's typed error is the only kind
-        return error
-    if isinstance(error, SidecarError):
-        return error
-    return SidecarError(error.code, error.message, error.context_id)
 
 
 async def build_register_voice_message(voice_id: str, wav_path: str | Path) -> dict[str, Any]:
@@ -89,9 +70,9 @@ def reply_error(message: dict[str, Any]) -> Exception:
         message: The sidecar's ``error`` message.
 
     Returns:
-        The typed error for its code (a ``SidecarError`` where Pipecat is installed).
+        The typed error for its code.
     """
-    return _public_error(error_from_message(message))
+    return error_from_message(message)
 
 
 async def send_voice_request(
@@ -110,19 +91,13 @@ async def send_voice_request(
 
     Raises:
         ChatterboxError: The sidecar refused the key (code ``unauthorized``), answered with an
-            ``error``, or cannot be reached (``connection_failed``); a ``SidecarError`` with
-            the same code where Pipecat is installed.
+            ``error``, or cannot be reached (``connection_failed``).
         TimeoutError: No reply within ``timeout``.
     """
     client = ChatterboxClient(url, api_key, open_timeout=timeout, request_timeout=timeout)
     try:
         async with asyncio.timeout(timeout):
             return await client.voice_request(message)
-    except ChatterboxError as e:
-        public = _public_error(e)
-        if public is e:
-            raise
-        raise public from e
     finally:
         await client.close()
 

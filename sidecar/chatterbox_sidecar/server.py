@@ -273,18 +273,20 @@ class SidecarServer:
                 {"Upgrade": "websocket", "Connection": "Upgrade"},
             )
         # Counted before the first await, so a burst cannot overshoot the limit, and released
-        # in the finally below on every path, a failed handshake included.
+        # exactly once on every path, a failed handshake included: by the session's clean-up as
+        # soon as the connection ends, or by the finally below.
         self._connections += 1
+        slot = _Slot(self)
         try:
             await ws.prepare(request)
-            await self._serve(ws, request)
+            await self._serve(ws, request, slot)
         except (ConnectionError, asyncio.CancelledError):
             pass  # the client went away during the handshake or the connection
         finally:
-            self._connections -= 1
+            slot.release()
         return ws
 
-    async def _serve(self, ws: web.WebSocketResponse, request: web.Request) -> None:
+    async def _serve(self, ws: web.WebSocketResponse, request: web.Request, slot: _Slot) -> None:
         app = self._app
         peer = _peer(request)
         transport = request.transport
@@ -328,6 +330,7 @@ class SidecarServer:
             idle_watch.cancel()
             self._sockets.discard(ws)
             self._sessions.discard(session)
+            slot.release()
             app.metrics.connections_open.dec()
             await asyncio.shield(self._clean_up(session, ws, close, time.perf_counter() - t0))
 
@@ -376,6 +379,18 @@ class SidecarServer:
                 pass
         if self._app.active_streams:
             logger.warning(f"Drain ended with {self._app.active_streams} streams still open")
+
+
+class _Slot:
+    """One admitted connection's place under ``TTS_MAX_CONNECTIONS``, given back once."""
+
+    def __init__(self, server: SidecarServer):
+        self._server: SidecarServer | None = server
+
+    def release(self) -> None:
+        if self._server is not None:
+            self._server._connections -= 1
+            self._server = None
 
 
 class _Activity:

@@ -348,11 +348,6 @@ def test_errors_carry_their_codes():
     )
 
 
-@pytest.mark.xfail(
-    reason="pipecat_chatterbox/__init__.py still imports the Pipecat service eagerly (issue 11: "
-    "it must import ChatterboxTTSService lazily); drop this mark once it does",
-    strict=False,
-)
 def test_the_installed_package_imports_without_pipecat():
     code = (
         "import sys; sys.modules['pipecat'] = None\n"
