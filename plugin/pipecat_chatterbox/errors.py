@@ -35,24 +35,10 @@ _CATEGORIES: dict[str, str] = {
 }
 
 
-class SidecarError(ChatterboxError):
-    """An ``error`` reply from the sidecar, or a refused connection, as the service reports it.
-
-    The client's :class:`~pipecat_chatterbox.client.ChatterboxError` (so ``except
-    ChatterboxError`` catches both) with the Pipecat category of its code.
-
-    Parameters:
-        code: The protocol's stable error code (``voice_not_found``, ``unsupported``,
-            ``invalid_request``, ``text_too_long``, ``busy``, ``engine_error``, ...), or
-            ``unauthorized`` when the sidecar refused the API key.
-        message: The sidecar's human-readable explanation.
-        context_id: The context the error ended, if it concerned one.
-    """
-
-    @property
-    def category(self) -> ErrorCategory:
-        """Returns: the Pipecat error category for this error's code (needs pipecat-ai)."""
-        return category_for_code(self.code)
+# An error reply from the sidecar, or a refused connection: the client's error type, so that
+# ``except SidecarError`` catches what the voice helpers, the client and the service raise alike
+# (``.code``, ``.message``, ``.context_id``); its Pipecat category is ``category_for_code``.
+SidecarError = ChatterboxError
 
 
 def category_for_code(code: str) -> ErrorCategory:

@@ -30,7 +30,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.protocol import State
 
 from pipecat_chatterbox import voices
-from pipecat_chatterbox.errors import UNAUTHORIZED, SidecarError, auth_headers
+from pipecat_chatterbox.errors import UNAUTHORIZED, SidecarError, auth_headers, category_for_code
 
 DEFAULT_URL = voices.DEFAULT_URL
 
@@ -617,7 +617,7 @@ class ChatterboxTTSService(WebsocketTTSService):
         await self.push_error(
             error_msg=f"{self}: sidecar error [{error.code}]: {error.message}",
             exception=error,
-            category=error.category,
+            category=category_for_code(error.code),
         )
         if context_id is not None:
             await self._end_audio_context_now(context_id)
