@@ -56,6 +56,11 @@ async def _block(bench, tree: Path, levels: list[int], args) -> dict[int, list[f
                 sample_rate=24000,
                 encoding="pcm_s16le",
                 streaming="server",
+                seconds=0.0,
+                spread=1.0,
+                texts="agent",
+                gap_tolerance=bench.GAP_TOLERANCE_S,
+                busy_backoff=0.2,
             )
             await bench.run_level(bench_args, 1)  # warm-up
             out = {}
