@@ -12,20 +12,14 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from chatterbox_sidecar.app import App
-from chatterbox_sidecar.config import SidecarConfig
-from chatterbox_sidecar.engines.base import EngineError, SynthesisParams, is_device_fault
-from chatterbox_sidecar.engines.piper import PiperEngine
-from chatterbox_sidecar.server import SidecarServer
-from chatterbox_sidecar.voices import Voice, VoiceStore
+from chatterbox_sidecar.engines.base import EngineError, is_device_fault
 from websockets.exceptions import InvalidStatus
 
 from tests.client import TTSClient
+from tests.engine_faults import FaultInjectingPiperEngine, inprocess_sidecar
 
 torch = pytest.importorskip("torch")
 
@@ -41,38 +35,26 @@ def test_device_faults_are_told_from_other_failures():
     assert not is_device_fault(EngineError("piper failed on a segment"))
 
 
-class DeviceFaultingPiperEngine(PiperEngine):
-    """The real piper engine; a segment with FAULT raises a CUDA fault (fault injection)."""
-
-    async def synthesize(
-        self, segments: AsyncIterator[str], params: SynthesisParams, voice: Voice | None
-    ) -> AsyncIterator[np.ndarray]:
-        async for chunk in super().synthesize(self._check(segments), params, voice):
-            yield chunk
-
-    @staticmethod
-    async def _check(segments: AsyncIterator[str]) -> AsyncIterator[str]:
-        async for segment in segments:
-            if "WRAPPED FAULT" in segment.upper():
-                try:
-                    raise torch.AcceleratorError("CUDA error: device-side assert triggered")
-                except RuntimeError as e:
-                    raise EngineError(f"T3 failed: {e}") from e
-            if "FAULT" in segment.upper():
-                raise torch.AcceleratorError("CUDA error: device-side assert triggered")
-            yield segment
+def _device_fault(segment: str) -> BaseException | None:
+    """torch's own CUDA fault for FAULT; wrapped as the chatterbox engine wraps T3's failures
+    for WRAPPED FAULT."""
+    if "WRAPPED FAULT" in segment.upper():
+        try:
+            raise torch.AcceleratorError("CUDA error: device-side assert triggered")
+        except RuntimeError as e:
+            wrapped = EngineError(f"T3 failed: {e}")
+            wrapped.__cause__ = e
+            return wrapped
+    if "FAULT" in segment.upper():
+        return torch.AcceleratorError("CUDA error: device-side assert triggered")
+    return None
 
 
 @pytest.fixture
 async def faulting_server(tmp_path: Path):
-    config = SidecarConfig(host="127.0.0.1", port=0, voices_dir=tmp_path / "voices")
-    app = App(config, DeviceFaultingPiperEngine(max_concurrency=2), VoiceStore(config.voices_dir))
-    server = SidecarServer(app)
-    await server.start()
-    await app.start_engine()
-    yield app, server.port
-    await server.close()
-    await app.engine.close()
+    engine = FaultInjectingPiperEngine(_device_fault, max_concurrency=2)
+    async with inprocess_sidecar(engine, tmp_path) as (app, port):
+        yield app, port
 
 
 def _get(port: int, path: str) -> tuple[int, dict]:

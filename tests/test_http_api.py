@@ -11,7 +11,6 @@ import base64
 import io
 import json
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -20,15 +19,10 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
-from chatterbox_sidecar.app import App
-from chatterbox_sidecar.config import SidecarConfig
-from chatterbox_sidecar.engines.base import SynthesisParams
-from chatterbox_sidecar.engines.piper import PiperEngine
-from chatterbox_sidecar.server import SidecarServer
-from chatterbox_sidecar.voices import Voice, VoiceStore
 from websockets.asyncio.client import connect
 
 from tests.asr import transcribe, word_error_rate
+from tests.engine_faults import FaultInjectingPiperEngine, inprocess_sidecar
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 STREAM_TEXT = " ".join(f"This is sentence number {n} of the answer." for n in range(1, 7))
@@ -506,37 +500,19 @@ async def test_audio_limit_mid_stream_cuts_the_body(sidecar_factory):
 # --- engine failures ----------------------------------------------------------------------
 
 
-class FaultingPiperEngine(PiperEngine):
-    """The real piper engine; a segment holding FAULT raises a CUDA-style device fault.
-
-    A fault injected at the engine boundary: no GPU here. The message is the CUDA runtime's
-    wording, which is what marks an exception as a device fault.
-    """
-
-    async def synthesize(
-        self, segments: AsyncIterator[str], params: SynthesisParams, voice: Voice | None
-    ) -> AsyncIterator[np.ndarray]:
-        async for chunk in super().synthesize(self._check(segments), params, voice):
-            yield chunk
-
-    @staticmethod
-    async def _check(segments: AsyncIterator[str]) -> AsyncIterator[str]:
-        async for segment in segments:
-            if "FAULT" in segment.upper():
-                raise RuntimeError("CUDA error: device-side assert triggered")
-            yield segment
+def _cuda_fault(segment: str) -> BaseException | None:
+    """A CUDA-style device fault for a segment holding FAULT (the runtime's wording is what
+    marks an exception as a device fault)."""
+    if "FAULT" in segment.upper():
+        return RuntimeError("CUDA error: device-side assert triggered")
+    return None
 
 
 @pytest.fixture
 async def faulting_server(tmp_path: Path):
-    config = SidecarConfig(host="127.0.0.1", port=0, voices_dir=tmp_path / "voices")
-    app = App(config, FaultingPiperEngine(max_concurrency=2), VoiceStore(config.voices_dir))
-    server = SidecarServer(app)
-    await server.start()
-    await app.start_engine()
-    yield app, f"http://127.0.0.1:{server.port}"
-    await server.close()
-    await app.engine.close()
+    engine = FaultInjectingPiperEngine(_cuda_fault, max_concurrency=2)
+    async with inprocess_sidecar(engine, tmp_path) as (app, port):
+        yield app, f"http://127.0.0.1:{port}"
 
 
 async def test_device_fault_in_a_streamed_synthesis(faulting_server):

@@ -12,22 +12,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import soundfile as sf
-from chatterbox_sidecar.app import App
-from chatterbox_sidecar.config import SidecarConfig
-from chatterbox_sidecar.engines.base import SynthesisParams
-from chatterbox_sidecar.engines.piper import PiperEngine
-from chatterbox_sidecar.server import SidecarServer
-from chatterbox_sidecar.voices import Voice, VoiceStore
+from chatterbox_sidecar.voices import VoiceStore
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.client import TTSClient
+from tests.engine_faults import FaultInjectingPiperEngine, inprocess_sidecar
 
 LONG_TEXT = " ".join(
     f"Sentence {i} of a very long answer that takes a good while to speak out loud."
@@ -148,33 +142,15 @@ async def test_drain_deadline_and_second_sigterm(sidecar_factory):
 # --- engine faults, with the real piper engine and injected failures ---------------------------
 
 
-class FaultInjectingPiperEngine(PiperEngine):
-    """The real piper engine, failing every context whose text contains FAIL (fault injection)."""
-
-    async def synthesize(
-        self, segments: AsyncIterator[str], params: SynthesisParams, voice: Voice | None
-    ) -> AsyncIterator[np.ndarray]:
-        async for chunk in super().synthesize(self._check(segments), params, voice):
-            yield chunk
-
-    @staticmethod
-    async def _check(segments: AsyncIterator[str]) -> AsyncIterator[str]:
-        async for segment in segments:
-            if "FAIL" in segment.upper():
-                raise RuntimeError("injected fault")
-            yield segment
+def _fail_on_marker(segment: str) -> BaseException | None:
+    return RuntimeError("injected fault") if "FAIL" in segment.upper() else None
 
 
 @pytest.fixture
 async def inprocess_server(tmp_path: Path):
-    config = SidecarConfig(host="127.0.0.1", port=0, voices_dir=tmp_path / "voices")
-    app = App(config, FaultInjectingPiperEngine(), VoiceStore(config.voices_dir))
-    server = SidecarServer(app)
-    await server.start()
-    await app.start_engine()
-    yield app, f"ws://127.0.0.1:{server.port}/v1/stream/tts"
-    await server.close()
-    await app.engine.close()
+    engine = FaultInjectingPiperEngine(_fail_on_marker)
+    async with inprocess_sidecar(engine, tmp_path) as (app, port):
+        yield app, f"ws://127.0.0.1:{port}/v1/stream/tts"
 
 
 async def test_engine_fault_ends_only_its_context_and_health_follows(inprocess_server):
