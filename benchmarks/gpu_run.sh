@@ -50,6 +50,18 @@ case "$step" in
     run 110 profile16 python3 benchmarks/load_profile.py --streams 16 --seconds 20 \
       --profile-seconds 2 --out "$OUT/profile16.json"
     ;;
+  trace)  # issue 12's trace of the new engine (16 and 64 streams, a first-chunk variant) and
+    # issue 13's registration profile
+    run 120 voice python3 benchmarks/voice_profile.py --seconds 10 --rounds 4 \
+      --out "$OUT/voice_profile.json"
+    run 130 profile16 python3 benchmarks/load_profile.py --streams 16 --seconds 20 \
+      --profile-seconds 2 --out "$OUT/profile16.json" "$@"
+    run 130 profile16_first12 python3 benchmarks/load_profile.py --streams 16 --seconds 20 \
+      --profile-seconds 0 --engine-config '{"first_chunk_size": 12}' \
+      --out "$OUT/profile16_first12.json" "$@"
+    run 130 profile64 python3 benchmarks/load_profile.py --streams 64 --seconds 20 \
+      --profile-seconds 2 --out "$OUT/profile64.json" "$@"
+    ;;
   final)  # what one last call can hold: the new engine at 1/16/32/64 streams x 35 s, batch mode
     run 345 table python3 benchmarks/gpu_bench.py --out "$OUT/table.json" --sections server \
       --server-levels 1,16,32,64 --server-seconds 35 --server-timeout 330 \

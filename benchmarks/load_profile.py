@@ -184,13 +184,36 @@ async def run(args) -> dict:
     t3 = engine._t3.decoder
     timings.wrap(t3, "step", "t3_step", lambda: len(t3.active_ids))
     timings.wrap(t3, "add_batch", "t3_prefill", lambda requests: len(requests))
-    timings.wrap(
-        engine._decoder,
-        "decode_chunks",
-        "s3gen",
-        lambda streams, finals: len(streams),
-        lambda streams, finals: sum(s.chunks_decoded == 0 for s in streams),
-    )
+    lanes = {"s3gen": engine._decoder, "s3gen_fast": getattr(engine, "_fast_decoder", None)}
+    for key, lane_decoder in lanes.items():
+        if lane_decoder is not None:
+            timings.wrap(
+                lane_decoder,
+                "decode_chunks",
+                key,
+                lambda streams, *rest: len(streams),
+                lambda streams, *rest: sum(s.chunks_decoded == 0 for s in streams),
+            )
+    # Per T3 request: when it was queued, and when its 1st and 10th tokens were sampled (the
+    # first chunk needs 10: 7 new + 3 of look-ahead), to split time to first audio.
+    t3_marks: dict[str, list[float | None]] = {}
+    generate, advance = engine._t3.generate, t3._advance
+
+    def timed_generate(request):
+        t3_marks[request.request_id] = [time.perf_counter(), None, None]
+        return generate(request)
+
+    def timed_advance(states, picked, guided):
+        now = time.perf_counter()
+        for state in states:
+            marks = t3_marks.get(state.request.request_id)
+            if marks is not None and state.generated == 0:
+                marks[1] = now
+            elif marks is not None and state.generated == 9:
+                marks[2] = now
+        return advance(states, picked, guided)
+
+    engine._t3.generate, t3._advance = timed_generate, timed_advance
     records: list[dict] = []
     rate = SAMPLE_RATE * 4
 
@@ -267,6 +290,7 @@ async def run(args) -> dict:
     result["t3_step"] = timings.summary("t3_step", t_start, t_end)
     result["t3_prefill"] = timings.summary("t3_prefill", t_start, t_end)
     result["s3gen"] = timings.summary("s3gen", t_start, t_end)
+    result["s3gen_fast"] = timings.summary("s3gen_fast", t_start, t_end)
     scheduler = getattr(engine, "_scheduler", None)
     if scheduler is not None:
         result["lanes"] = {
@@ -285,8 +309,16 @@ async def run(args) -> dict:
         result["profile_window"] = {
             "t3_step": timings.summary("t3_step", *prof_window),
             "s3gen": timings.summary("s3gen", *prof_window),
+            "s3gen_fast": timings.summary("s3gen_fast", *prof_window),
         }
         result.update(summarize_profile(prof, cuda))
+    marks = [m for m in t3_marks.values() if m[0] >= t_start and m[2] is not None]
+    result["t3_first_chunk_ms"] = {
+        "queued_to_first_token_p50": pct([1000 * (m[1] - m[0]) for m in marks], 50),
+        "queued_to_first_token_p95": pct([1000 * (m[1] - m[0]) for m in marks], 95),
+        "first_to_tenth_token_p50": pct([1000 * (m[2] - m[1]) for m in marks], 50),
+        "first_to_tenth_token_p95": pct([1000 * (m[2] - m[1]) for m in marks], 95),
+    }
     result["raw"] = measured
     await engine.close()
     return result
