@@ -71,6 +71,11 @@ case "$step" in
     run 230 voice_bench python3 benchmarks/voice_bench.py --streams 16 --seconds 40 \
       --voices 10 --out "$OUT/voice_bench.json"
     ;;
+  table2)  # issue 12's table after the levers: 1/4/8/16/64 streams x 60 s, batch mode
+    run 580 table python3 benchmarks/gpu_bench.py --out "$OUT/table.json" --sections server \
+      --server-levels 1,4,8,16,64 --server-seconds 60 --server-timeout 420 \
+      --server-batch-streams 32 "$@"
+    ;;
   final)  # what one last call can hold: the new engine at 1/16/32/64 streams x 35 s, batch mode
     run 345 table python3 benchmarks/gpu_bench.py --out "$OUT/table.json" --sections server \
       --server-levels 1,16,32,64 --server-seconds 35 --server-timeout 330 \

@@ -487,11 +487,12 @@ class T3BatchDecoder:
         key = float(request.exaggeration)
         entry = self._conds.get(id(speaker))
         if entry is None or entry[0]() is not speaker:
+            key_id = id(speaker)
             try:
-                ref = weakref.ref(speaker, lambda _, k=id(speaker): self._conds.pop(k, None))
+                ref = weakref.ref(speaker, lambda _: self._conds.pop(key_id, None))
             except TypeError:  # cannot be weakly referenced: no caching
                 return self.model.conditioning(speaker, prompt, key)
-            entry = self._conds[id(speaker)] = (ref, {})
+            entry = self._conds[key_id] = (ref, {})
         per_voice = entry[1]
         cond = per_voice.get(key)
         if cond is None:
@@ -517,7 +518,7 @@ class T3BatchDecoder:
 
 
 class _PrefillGraph:
-    """One captured prefill pass for fixed rows and prompt length (see ``_capture_prefill_graphs``)."""
+    """One captured prefill pass for fixed rows and a padded prompt length."""
 
     def __init__(self, decoder: T3BatchDecoder, rows: int, length: int, pool: Any):
         model = decoder.model
