@@ -309,14 +309,15 @@ class ChatterboxTTSService(WebsocketTTSService):
                 self._create_keepalive_task(self._keepalive_interval())
 
     async def _disconnect(self):
-        """Stop the receive, keepalive and retry tasks and close the websocket."""
+        """Stop the retry, receive and keepalive tasks and close the websocket."""
+        # First, so that no retry connects again meanwhile.
+        await self._cancel_busy_retries()
         await super()._disconnect()
 
         await self._cancel_keepalive_task()
         if self._receive_task:
             await self.cancel_task(self._receive_task)
             self._receive_task = None
-        await self._drop_busy_contexts()
 
         await self._disconnect_websocket()
 
@@ -344,7 +345,6 @@ class ChatterboxTTSService(WebsocketTTSService):
         lost += [
             c for c in self._busy_contexts if c not in lost and self.audio_context_available(c)
         ]
-        await self._drop_busy_contexts()
         for context_id in lost:
             self._mark_ended(context_id)
             self._failed_contexts.append(context_id)
@@ -360,12 +360,12 @@ class ChatterboxTTSService(WebsocketTTSService):
                 category=ErrorCategory.CONNECTIVITY,
             )
 
-    async def _drop_busy_contexts(self):
+    async def _cancel_busy_retries(self):
         """Stop retrying every context refused with ``busy``."""
         while self._busy_contexts:
-            _, record = self._busy_contexts.popitem()
-            if record.task and record.task is not asyncio.current_task():
-                await self.cancel_task(record.task)
+            _, busy = self._busy_contexts.popitem()
+            if busy.task:
+                await self.cancel_task(busy.task)
 
     def _keepalive_interval(self) -> float:
         """Returns: seconds between keepalives, from the sidecar's idle timeout if known."""
@@ -625,8 +625,9 @@ class ChatterboxTTSService(WebsocketTTSService):
         if not self._is_connected():
             await self._connect()
         if not self._is_connected():
-            # _connect_websocket has reported why.
+            # _connect_websocket has reported why; not also counted as a context without audio.
             self._mark_ended(context_id)
+            self._failed_contexts.append(context_id)
             yield TTSStoppedFrame(context_id=context_id)
             await self.remove_audio_context(context_id)
             return
@@ -697,9 +698,8 @@ class ChatterboxTTSService(WebsocketTTSService):
     def _mark_ended(self, context_id: str):
         self._open_contexts.pop(context_id, None)
         self._flushed_contexts.discard(context_id)
-        busy = self._busy_contexts.pop(context_id, None)
-        if busy and busy.task and busy.task is not asyncio.current_task():
-            busy.task.cancel()
+        # A retry waiting for it finds it gone and stops.
+        self._busy_contexts.pop(context_id, None)
         if context_id not in self._ended_contexts:
             self._ended_contexts.append(context_id)
 
@@ -875,12 +875,11 @@ class ChatterboxTTSService(WebsocketTTSService):
         balancer can place it on a sidecar with room (the one that refused it is full).
         """
         await self._wait_keeping_contexts(wait)
-        if not self.audio_context_available(context_id):
-            self._busy_contexts.pop(context_id, None)  # interrupted meanwhile
+        if not self._still_busy(context_id, busy):
             return
         await self._connect(replace_if_idle=True, busy_backoff=busy.backoff)
-        if self._busy_contexts.get(context_id) is not busy:
-            return  # the connection it waited on was lost: reported with it
+        if not self._still_busy(context_id, busy):
+            return
         if not self._is_connected():
             # _connect_websocket has reported why (no capacity within the budget, or no
             # sidecar at all): the context ends.
@@ -898,6 +897,15 @@ class ChatterboxTTSService(WebsocketTTSService):
         except Exception as e:
             # The receive task sees the connection close and reports the context lost.
             logger.warning(f"{self}: sending context {context_id} again failed: {e}")
+
+    def _still_busy(self, context_id: str, busy: _BusyContext) -> bool:
+        """Returns: whether a retry is still due (not interrupted, not lost meanwhile)."""
+        if self._busy_contexts.get(context_id) is not busy:
+            return False
+        if not self.audio_context_available(context_id):
+            del self._busy_contexts[context_id]
+            return False
+        return True
 
     @staticmethod
     def _is_keepalive_refusal(error: SidecarError) -> bool:
