@@ -14,6 +14,7 @@ import time
 import pytest
 from pipecat.frames.frames import (
     ErrorFrame,
+    InterruptionFrame,
     TTSAudioRawFrame,
     TTSSpeakFrame,
     TTSStartedFrame,
@@ -257,5 +258,34 @@ async def test_busy_past_the_retry_budget_is_reported_once_and_the_service_stays
     assert 0.5 < waited < 5, waited
     assert len(tts.received_of("error")) >= 2  # retried before giving up
     assert tts.is_usable
+    assert not audio_of(live.down, refused.context_id).size
+    assert_says(audio_of(live.down, after), AFTER)
+
+
+async def test_interruption_while_waiting_for_capacity_drops_the_retry(sidecar_factory):
+    sidecar = sidecar_factory(TTS_MAX_STREAMS="1")
+    holder = await TTSClient.connect(sidecar.url)
+    await holder.send(
+        {"type": "synthesize", "text": "Hold on", "continue": True, "context_id": "held"}
+    )
+    tts = RecordingChatterboxTTSService(url=sidecar.url)
+    live = LivePipeline(tts, PipelineParams(audio_out_sample_rate=RATE))
+    await live.start()
+    await live.send(TTSSpeakFrame("The user will talk over this."))
+    refused = await live.wait_for(lambda f: isinstance(f, TTSStartedFrame))
+    await asyncio.sleep(0.8)
+    assert tts.received_of("error")  # refused, waiting for its retry
+    await live.send(InterruptionFrame())
+    await asyncio.sleep(0.2)
+    interrupted_at = len(tts.sent)
+    await holder.send({"type": "flush", "context_id": "held"})  # capacity frees ...
+    after = await speak(live, AFTER)  # ... for the next turn only
+    await asyncio.sleep(2.5)  # longer than any retry of the interrupted turn would wait
+    await live.end()
+    await holder.close()
+
+    later = [m for m in tts.sent[interrupted_at:] if m.get("context_id") == refused.context_id]
+    assert not later, later  # never sent again
+    assert not of_type(live.up, ErrorFrame), [e.error for e in of_type(live.up, ErrorFrame)]
     assert not audio_of(live.down, refused.context_id).size
     assert_says(audio_of(live.down, after), AFTER)
