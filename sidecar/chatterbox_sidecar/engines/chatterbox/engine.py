@@ -385,7 +385,9 @@ class ChatterboxEngine(Engine):
         The model counts GPU work only; what it leaves out (two lanes and T3 sharing the GPU,
         T3 decoding ahead of need, prefill bursts) is folded into ``gpu_share``, which was set
         from the H200 measurements of issue 12 (one stream gap-free at a modelled 0.12 of the
-        GPU, 16 streams not at 0.23): it gives 4 streams there, a level not yet measured.
+        GPU, 16 streams not at 0.23). It gives 4 streams on an H200, the level measured to meet
+        the issue's 16-stream row there (TTFA p95 232 ms, 100 % gap-free; 8 streams: p95 333
+        ms, BENCHMARKS.md).
         """
         import torch
 
