@@ -186,7 +186,7 @@ class ChatterboxEngineConfig:
 
 @dataclass
 class _CachedVoice:
-    created_at: str
+    revision: str
     conds: VoiceConditionals
     reference: Reference
 
@@ -508,7 +508,7 @@ class ChatterboxEngine(Engine):
             raise EngineError(
                 f"could not compute conditionals for voice '{voice.voice_id}': {e}"
             ) from e
-        self._voices[voice.voice_id] = _CachedVoice(voice.created_at, conds, self._reference(conds))
+        self._voices[voice.voice_id] = _CachedVoice(voice.revision, conds, self._reference(conds))
 
     def _compute_and_save(self, voice: Voice) -> VoiceConditionals:
         conds = compute_conditionals_from_file(
@@ -533,17 +533,17 @@ class ChatterboxEngine(Engine):
             assert self._default is not None, "engine not started"
             return self._default
         cached = self._voices.get(voice.voice_id)
-        if cached is not None and cached.created_at == voice.created_at:
+        if cached is not None and cached.revision == voice.revision:
             return cached
         lock = self._voice_locks.setdefault(voice.voice_id, asyncio.Lock())
         async with lock:
             cached = self._voices.get(voice.voice_id)
-            if cached is None or cached.created_at != voice.created_at:
+            if cached is None or cached.revision != voice.revision:
                 try:
                     conds = await self._in_voice_thread(self._load_or_compute, voice)
                 except Exception as e:
                     raise EngineError(f"voice '{voice.voice_id}' cannot be loaded: {e}") from e
-                cached = _CachedVoice(voice.created_at, conds, self._reference(conds))
+                cached = _CachedVoice(voice.revision, conds, self._reference(conds))
                 self._voices[voice.voice_id] = cached
         return cached
 
