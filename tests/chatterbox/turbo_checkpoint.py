@@ -163,22 +163,20 @@ def write_scripted_turbo_t3(
     return _write_t3(Path(folder), state)
 
 
-def write_random_meanflow_s3gen(folder: Path, seed: int = 0) -> Path:
-    """Write ``s3gen_meanflow.safetensors``: S3Gen's keys plus the meanflow time mixer."""
-    from chatterbox_vllm.models.s3gen import S3Gen
+def write_meanflow_s3gen(folder: Path, s3gen_file: Path, seed: int = 0) -> Path:
+    """Write ``s3gen_meanflow.safetensors``: an S3Gen file's weights plus the meanflow mixer.
 
-    from .s3gen_checkpoint import TOKENIZER_BUFFERS
+    Upstream initialises the mixer to pass the start time's embedding through (IntMeanFlow's
+    diagonal init); here it is random, so both times matter.
+    """
+    from safetensors.torch import load_file
 
-    torch.manual_seed(seed)
-    state = {
-        k: v.detach().contiguous()
-        for k, v in S3Gen().state_dict().items()
-        if k not in TOKENIZER_BUFFERS
-    }
-    # Upstream initialises the mixer to pass the start-time embedding through (IntMeanFlow's
-    # diagonal init); random values here.
+    state = load_file(str(s3gen_file))
     dim = state["flow.decoder.estimator.time_mlp.linear_2.weight"].shape[0]
-    state["flow.decoder.estimator.time_embed_mixer.weight"] = torch.randn(dim, 2 * dim) * 0.02
+    gen = torch.Generator().manual_seed(seed)
+    state["flow.decoder.estimator.time_embed_mixer.weight"] = (
+        torch.randn(dim, 2 * dim, generator=gen) * 0.03
+    )
     path = Path(folder) / "s3gen_meanflow.safetensors"
     save_file(state, str(path))
     return path
@@ -188,12 +186,17 @@ def write_turbo_model_dir(
     folder: str | Path, s3gen_model_dir: Path, script: Sequence[int] | None = None, **t3_options
 ) -> Path:
     """A whole Turbo folder: the voice encoder and ``conds.pt`` of ``s3gen_model_dir`` (linked),
-    a random meanflow S3Gen and a scripted (or, without ``script``, random) Turbo T3."""
+    a meanflow S3Gen (its S3Gen weights plus a random mixer; linked when ``s3gen_model_dir``
+    already holds one) and a scripted (or, without ``script``, random) Turbo T3."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("ve.safetensors", "conds.pt"):
         (folder / name).symlink_to(s3gen_model_dir / name)
-    write_random_meanflow_s3gen(folder)
+    meanflow = s3gen_model_dir / "s3gen_meanflow.safetensors"
+    if meanflow.is_file():
+        (folder / meanflow.name).symlink_to(meanflow)
+    else:
+        write_meanflow_s3gen(folder, s3gen_model_dir / "s3gen.safetensors")
     if script is None:
         return write_random_turbo_t3(folder, **t3_options)
     return write_scripted_turbo_t3(folder, script, **t3_options)
