@@ -20,6 +20,20 @@ def test_defaults_match_the_deployment_guide():
     assert config.t3_model_dir == Path(__file__).resolve().parents[1] / "t3-model"
 
 
+def test_model_is_validated_and_one_sidecar_serves_one():
+    from chatterbox_sidecar.engines import resolve_engine_name
+
+    assert SidecarConfig.from_env({}).model == "chatterbox"
+    assert SidecarConfig.from_env({}).flow_steps == 0  # the model's own: 10, Turbo 2
+    turbo = SidecarConfig.from_env({"TTS_MODEL": "Chatterbox-Turbo"})
+    assert turbo.model == "chatterbox-turbo"
+    assert resolve_engine_name(turbo) == "chatterbox"  # never replaced by piper
+    with pytest.raises(ConfigError, match="TTS_MODEL must be one of"):
+        SidecarConfig.from_env({"TTS_MODEL": "chatterbox-nano"})
+    with pytest.raises(ConfigError, match="TTS_MODEL=chatterbox-multilingual needs"):
+        SidecarConfig.from_env({"TTS_MODEL": "chatterbox-multilingual", "TTS_ENGINE": "piper"})
+
+
 def test_values_are_read():
     config = SidecarConfig.from_env(
         {

@@ -34,6 +34,18 @@ async def test_ready_announces_engine_and_limits(sidecar):
     assert ready["limits"]["max_text_chars"] == 20000
     assert ready["limits"]["max_frame_bytes"] == 16 * 1024 * 1024
     assert ready["limits"]["max_contexts_per_connection"] >= 1
+    # the model, what it speaks and which generation parameters it applies (piper: none)
+    assert ready["model"] and ready["languages"] == ["en"]
+    assert ready["parameters"] == [] and ready["tags"] == []
+
+
+async def test_started_names_the_parameters_the_engine_does_not_apply(sidecar):
+    async with await TTSClient.connect(sidecar.url) as client:
+        await client.send({"type": "synthesize", "text": "Hi.", "exaggeration": 0.9})
+        started = await client.recv_json()
+        await client.collect(1)
+    assert started["exaggeration"] == 0.9  # echoed as sent ...
+    assert started["not_applied"] == ["exaggeration", "cfg_weight", "temperature", "seed"]
 
 
 @pytest.mark.parametrize(

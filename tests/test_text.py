@@ -375,3 +375,16 @@ def test_any_chunking_streams_like_the_whole_text(pieces, glue, chunks, max_char
     whole = split_text(text, max_chars=max_chars)
     assert stream(text, chunks, max_chars=max_chars) == whole
     assert all(0 < len(s) <= max_chars for s in whole)
+
+
+def test_paralinguistic_tags_pass_untouched_when_the_model_performs_them():
+    tags = ("[laugh]", "[clear throat]", "[sigh]")
+    text = "Hi [laugh] it costs $5 [Clear Throat] okay. [sigh] Fine."
+    assert "[" not in normalize_text(text)  # without tags: brackets are read as pauses
+    assert split_text(text, keep_tags=tags) == [
+        "Hi [laugh] it costs five dollars [clear throat] okay.",
+        "[sigh] Fine.",
+    ]
+    segmenter = TextSegmenter(keep_tags=tags)
+    pieces = [segmenter.push(c) for c in "Well [laugh] that was fun. "]
+    assert [s for p in pieces for s in p] == ["Well [laugh] that was fun."]

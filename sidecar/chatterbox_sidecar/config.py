@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ENGINES = ("auto", "piper", "chatterbox")
+#: The Chatterbox models one sidecar can serve (``TTS_MODEL``); the first is the default.
+MODELS = ("chatterbox", "chatterbox-turbo", "chatterbox-multilingual")
 T3_BACKENDS = ("auto", "vllm", "torch")
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 
@@ -30,6 +32,9 @@ class SidecarConfig:
         max_connections: Open websocket connections before upgrades get 503
             (``TTS_MAX_CONNECTIONS``).
         engine: ``auto``, ``piper`` or ``chatterbox`` (``TTS_ENGINE``).
+        model: The Chatterbox model the ``chatterbox`` engine serves (``TTS_MODEL``):
+            ``chatterbox`` (Original, English), ``chatterbox-turbo`` or
+            ``chatterbox-multilingual``. One sidecar serves one model.
         voices_dir: Registered voices (``TTS_VOICES_DIR``).
         log_dir: Log folder for ``tts.log`` (``TTS_LOG_DIR``).
         log_level: Loguru level (``TTS_LOG_LEVEL``).
@@ -48,7 +53,8 @@ class SidecarConfig:
             source checkout, else the engine's cache folder. Never relative to the CWD.
         t3_backend: ``auto`` (torch), ``vllm`` or ``torch`` (``TTS_T3_BACKEND``).
         device: Torch device for the chatterbox engine (``TTS_DEVICE``).
-        flow_steps: S3Gen flow-matching steps (``TTS_FLOW_STEPS``).
+        flow_steps: S3Gen flow-matching steps, 0 for the model's own (10 for Chatterbox and
+            Multilingual, 2 for Turbo's meanflow decoder) (``TTS_FLOW_STEPS``).
         first_chunk_size: New speech tokens in a context's first streamed chunk
             (``TTS_FIRST_CHUNK_SIZE``).
         reference_seconds: Cap on the S3Gen reference prompt, 0 for the engine's default (4 s on
@@ -76,6 +82,7 @@ class SidecarConfig:
     port: int = 8002
     max_connections: int = 50
     engine: str = "auto"
+    model: str = "chatterbox"
     voices_dir: Path = field(default_factory=lambda: Path("voices"))
     log_dir: Path = field(default_factory=lambda: Path("logs"))
     log_level: str = "INFO"
@@ -91,7 +98,7 @@ class SidecarConfig:
     t3_model_dir: Path | None = None
     t3_backend: str = "auto"
     device: str = "auto"
-    flow_steps: int = 10
+    flow_steps: int = 0
     piper_model: Path | None = None
     first_chunk_size: int = 12
     reference_seconds: float = 0.0
@@ -126,6 +133,7 @@ class SidecarConfig:
             port=r.int("TTS_PORT", 8002, 0, 65535),
             max_connections=r.int("TTS_MAX_CONNECTIONS", 50, 1, 100_000),
             engine=r.choice("TTS_ENGINE", "auto", ENGINES),
+            model=r.choice("TTS_MODEL", MODELS[0], MODELS),
             voices_dir=r.path("TTS_VOICES_DIR", Path("voices")),
             log_dir=r.path("TTS_LOG_DIR", Path("logs")),
             log_level=r.choice("TTS_LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
@@ -141,7 +149,7 @@ class SidecarConfig:
             t3_model_dir=r.path("TTS_T3_MODEL_DIR", default_t3_dir),
             t3_backend=r.choice("TTS_T3_BACKEND", "auto", T3_BACKENDS),
             device=r.str("TTS_DEVICE", "auto"),
-            flow_steps=r.int("TTS_FLOW_STEPS", 10, 1, 100),
+            flow_steps=r.int("TTS_FLOW_STEPS", 0, 0, 100),
             piper_model=r.path("TTS_PIPER_MODEL", None),
             first_chunk_size=r.int("TTS_FIRST_CHUNK_SIZE", 12, 7, 500),
             reference_seconds=r.float("TTS_REFERENCE_SECONDS", 0.0, 0.0, 10.0),
@@ -163,6 +171,10 @@ class SidecarConfig:
             raise ConfigError(f"TTS_PIPER_MODEL: no such file: {config.piper_model}")
         if config.first_chunk_size > config.chunk_size:
             raise ConfigError("TTS_FIRST_CHUNK_SIZE must not exceed TTS_CHUNK_SIZE")
+        if config.engine == "piper" and config.model != MODELS[0]:
+            raise ConfigError(
+                f"TTS_MODEL={config.model} needs TTS_ENGINE=chatterbox (or auto), not piper"
+            )
         if config.model_dir is not None and not config.model_dir.is_dir():
             raise ConfigError(f"TTS_MODEL_DIR: no such folder: {config.model_dir}")
         return config

@@ -10,6 +10,7 @@ import binascii
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -404,13 +405,17 @@ def _no_reprs(message: str) -> str:
     return _REPR.sub("<object>", message)
 
 
-def started(context_id: str, request: Synthesize, streaming: bool) -> dict[str, Any]:
+def started(
+    context_id: str, request: Synthesize, streaming: bool, not_applied: Sequence[str] = ()
+) -> dict[str, Any]:
     """Build a ``started`` message echoing the parameters in effect.
 
     Args:
         context_id: The context.
         request: The message that opened the context.
         streaming: The mode in effect (the request's flag or the server default).
+        not_applied: Parameters the engine's model ignores (Turbo: ``exaggeration``,
+            ``cfg_weight``); they are echoed as sent and listed here, never silently dropped.
 
     Returns:
         The message.
@@ -426,6 +431,7 @@ def started(context_id: str, request: Synthesize, streaming: bool) -> dict[str, 
         "cfg_weight": request.cfg_weight,
         "temperature": request.temperature,
         "seed": request.seed,
+        "not_applied": list(not_applied),
     }
 
 

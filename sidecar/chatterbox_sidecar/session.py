@@ -96,7 +96,8 @@ class Context:
             app.engine.info.native_sample_rate, request.sample_rate, request.encoding
         )
         self._app = app
-        self._segmenter = TextSegmenter(max_chars=app.engine.info.max_segment_chars)
+        info = app.engine.info
+        self._segmenter = TextSegmenter(max_chars=info.max_segment_chars, keep_tags=info.tags)
         self._segments: asyncio.Queue[str | None] = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self.generation_seconds = 0.0
@@ -462,7 +463,12 @@ class Session:
             if not started:
                 started = True
                 await self.send_json(
-                    protocol.started(ctx.context_id, ctx.request, ctx.params.streaming)
+                    protocol.started(
+                        ctx.context_id,
+                        ctx.request,
+                        ctx.params.streaming,
+                        self._app.engine.info.not_applied(),
+                    )
                 )
             if isinstance(item, _End):
                 break

@@ -333,7 +333,16 @@ def _apply(rules: list[_Rule], text: str) -> str:
     return text
 
 
-def normalize_text(text: str) -> str:
+_TAG_BASE = 0xE000  # private-use characters hold kept tags' places while the rules run
+
+
+@lru_cache(maxsize=16)
+def _tag_pattern(tags: tuple[str, ...]) -> re.Pattern[str]:
+    alternatives = "|".join(re.escape(t) for t in sorted(tags, key=len, reverse=True))
+    return re.compile(alternatives, re.I)
+
+
+def normalize_text(text: str, keep_tags: tuple[str, ...] = ()) -> str:
     """Spell out what TTS engines read badly.
 
     Numbers (thousands separators, decimals, negatives, ordinals, years, ranges), currency,
@@ -346,12 +355,27 @@ def normalize_text(text: str) -> str:
     Args:
         text: Raw text of one segment (see :class:`TextSegmenter`; normalising before
             segmenting would let a segment boundary fall inside a spelled-out number).
+        keep_tags: Paralinguistic tags the model performs (Turbo's ``[laugh]``, ``[sigh]``,
+            ...): passed through untouched (matched case-insensitively, written as given here)
+            instead of being read as bracketed text.
 
     Returns:
         The text to synthesise; empty if nothing speakable is left.
     """
+    kept: list[str] = []
+    if keep_tags:
+        canonical = {t.lower(): t for t in keep_tags}
+
+        def hold(m: re.Match[str]) -> str:
+            kept.append(canonical[m[0].lower()])
+            return f" {chr(_TAG_BASE + len(kept) - 1)} "
+
+        text = _tag_pattern(tuple(keep_tags)).sub(hold, text)
     text = _apply(_MARKDOWN, text.translate(_UNICODE))
-    return _apply(_CLEANUP, _apply(_RULES, text))
+    text = _apply(_CLEANUP, _apply(_RULES, text))
+    for i, tag in enumerate(kept):
+        text = text.replace(chr(_TAG_BASE + i), tag)
+    return text
 
 
 # --------------------------------------------------------------------------- segmentation
@@ -398,13 +422,20 @@ class TextSegmenter:
     the whole word by more than 100 characters, which does not happen in practice).
     """
 
-    def __init__(self, max_chars: int = 300, first_clause_min_chars: int = 20):
+    def __init__(
+        self,
+        max_chars: int = 300,
+        first_clause_min_chars: int = 20,
+        keep_tags: tuple[str, ...] = (),
+    ):
         """Initialize the segmenter.
 
         Args:
             max_chars: Longest segment, in normalised characters (the engine's limit); >= 20.
             first_clause_min_chars: Shortest first clause (normalised characters) worth cutting
                 early; a value above ``max_chars`` turns the early cut off.
+            keep_tags: Paralinguistic tags passed through untouched (see
+                :func:`normalize_text`).
 
         Raises:
             ValueError: If ``max_chars`` is below 20 or ``first_clause_min_chars`` is negative.
@@ -412,6 +443,7 @@ class TextSegmenter:
         if max_chars < 20 or first_clause_min_chars < 0:
             raise ValueError("max_chars must be >= 20 and first_clause_min_chars >= 0")
         self.max_chars = max_chars
+        self.keep_tags = tuple(keep_tags)
         self.first_clause_min_chars = first_clause_min_chars
         self._buf = ""
         self._first = True
@@ -433,7 +465,7 @@ class TextSegmenter:
             cut = self._next_cut(final)
             if cut is None:
                 break
-            segment, self._buf = _normalize(self._buf[:cut]), self._buf[cut:]
+            segment, self._buf = _normalize(self._buf[:cut], self.keep_tags), self._buf[cut:]
             self._checked = 0
             pieces = _wrap(segment, self.max_chars) if len(segment) > self.max_chars else [segment]
             pieces = [piece for piece in pieces if _WORDY.search(piece)]
@@ -444,7 +476,7 @@ class TextSegmenter:
     def _fits(self, text: str, slack: int = 0) -> bool:
         if len(text) > 8 * (self.max_chars + slack):  # far too long whatever it expands to
             return False
-        return len(_normalize(text)) <= self.max_chars + slack
+        return len(_normalize(text, self.keep_tags)) <= self.max_chars + slack
 
     def _next_cut(self, final: bool) -> int | None:
         """End of the next segment in the buffer, or None while more text is needed."""
@@ -463,7 +495,7 @@ class TextSegmenter:
             for m in _CLAUSE.finditer(buf):
                 if m.end() >= limit:
                     break
-                size = len(_normalize(buf[: m.end()]))
+                size = len(_normalize(buf[: m.end()], self.keep_tags))
                 if size >= self.first_clause_min_chars:
                     if size <= self.max_chars:
                         return m.end()
@@ -569,16 +601,22 @@ def _wrap(text: str, max_chars: int) -> list[str]:
     return lines
 
 
-def split_text(text: str, max_chars: int = 300, first_clause_min_chars: int = 20) -> list[str]:
+def split_text(
+    text: str,
+    max_chars: int = 300,
+    first_clause_min_chars: int = 20,
+    keep_tags: tuple[str, ...] = (),
+) -> list[str]:
     """Segment and normalise a whole text at once (``push`` then ``flush``).
 
     Args:
         text: The text.
         max_chars: Longest segment, in normalised characters.
         first_clause_min_chars: See :class:`TextSegmenter`.
+        keep_tags: Paralinguistic tags passed through untouched.
 
     Returns:
         The normalised segments, in order.
     """
-    segmenter = TextSegmenter(max_chars, first_clause_min_chars)
+    segmenter = TextSegmenter(max_chars, first_clause_min_chars, keep_tags)
     return segmenter.push(text) + segmenter.flush()

@@ -62,3 +62,25 @@ def voice_encoder(s3gen_model_dir: Path):
     from chatterbox_sidecar.engines.chatterbox.s3gen.loader import load_voice_encoder
 
     return load_voice_encoder(s3gen_model_dir / "ve.safetensors", "cpu")
+
+
+@pytest.fixture(scope="session")
+def meanflow_model_dir(s3gen_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``s3gen_model_dir`` plus ``s3gen_meanflow.safetensors`` (Turbo's S3Gen, ~1 GB)."""
+    from .turbo_checkpoint import write_meanflow_s3gen
+
+    with FileLock(_run_dir(tmp_path_factory) / "chatterbox-model.lock"):
+        if not (s3gen_model_dir / "s3gen_meanflow.safetensors").exists():
+            tmp = s3gen_model_dir / "meanflow-tmp"
+            tmp.mkdir(exist_ok=True)
+            path = write_meanflow_s3gen(tmp, s3gen_model_dir / "s3gen.safetensors")
+            path.rename(s3gen_model_dir / path.name)
+    return s3gen_model_dir
+
+
+@pytest.fixture(scope="session")
+def meanflow_model(meanflow_model_dir: Path):
+    """Turbo's meanflow S3Gen loaded through the engine's loader."""
+    from chatterbox_sidecar.engines.chatterbox.turbo.s3gen import load_meanflow_s3gen
+
+    return load_meanflow_s3gen(meanflow_model_dir / "s3gen_meanflow.safetensors", "cpu")

@@ -27,10 +27,13 @@ def resolve_engine_name(config: SidecarConfig) -> str:
         config: The configuration.
 
     Returns:
-        ``chatterbox`` when CUDA and the gpu extra are present, else ``piper``.
+        ``chatterbox`` when CUDA and the gpu extra are present or a Chatterbox model other than
+        the default is named in ``TTS_MODEL``, else ``piper``.
     """
     if config.engine != "auto":
         return config.engine
+    if config.model != "chatterbox":
+        return "chatterbox"  # a model asked for by name is never replaced by piper
     has_gpu_extra = importlib.util.find_spec("chatterbox_vllm") is not None
     if has_gpu_extra and _cuda_available():
         return "chatterbox"
@@ -61,6 +64,7 @@ def create_engine(config: SidecarConfig) -> Engine:
     if device == "auto":
         device = "cuda" if _cuda_available() else "cpu"
     engine_config = ChatterboxEngineConfig(
+        model=config.model,
         model_dir=config.model_dir,
         t3_model_dir=config.t3_model_dir,
         t3_backend=config.t3_backend,
@@ -69,7 +73,7 @@ def create_engine(config: SidecarConfig) -> Engine:
         first_chunk_size=config.first_chunk_size,
         reference_seconds=config.reference_seconds or None,
         context_window=config.context_window,
-        flow_steps=config.flow_steps,
+        flow_steps=config.flow_steps or None,
         compile_flow=config.compile_flow,
         streaming_default=config.streaming,
         **({"max_concurrency": config.engine_concurrency} if config.engine_concurrency else {}),

@@ -85,6 +85,12 @@ class EngineInfo:
         max_segment_chars: Longest text segment the engine wants in one piece.
         capacity: Streams the engine keeps gap-free at once (from a calibration on its device),
             or None when it does not know; ``TTS_MAX_STREAMS`` overrides it.
+        model: The model served (``TTS_MODEL`` for the chatterbox engine), or None.
+        languages: ISO 639-1 codes of the languages it speaks.
+        parameters: The :data:`SYNTHESIS_PARAMETERS` it applies; ``started`` names the others
+            as not applied.
+        tags: Paralinguistic tags (such as ``[laugh]``) the text normaliser passes through
+            untouched for the model to perform.
     """
 
     name: str
@@ -93,6 +99,18 @@ class EngineInfo:
     max_concurrency: int
     max_segment_chars: int = 300
     capacity: int | None = None
+    model: str | None = None
+    languages: tuple[str, ...] = ("en",)
+    parameters: tuple[str, ...] = ("exaggeration", "cfg_weight", "temperature", "seed")
+    tags: tuple[str, ...] = ()
+
+    def not_applied(self) -> list[str]:
+        """Returns: the synthesis parameters this engine ignores, in protocol order."""
+        return [name for name in SYNTHESIS_PARAMETERS if name not in self.parameters]
+
+
+#: The generation parameters of ``synthesize`` an engine may or may not apply.
+SYNTHESIS_PARAMETERS = ("exaggeration", "cfg_weight", "temperature", "seed")
 
 
 @dataclass(frozen=True)

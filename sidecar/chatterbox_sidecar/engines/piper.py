@@ -69,6 +69,9 @@ class PiperEngine(Engine):
             can_clone=False,
             max_concurrency=workers,
             max_segment_chars=400,
+            model=self._model_path.stem,
+            # Piper speaks its voice as it is: none of the Chatterbox generation parameters.
+            parameters=(),
         )
         self.workers = WorkerPool(
             "piper", serve, (self._model_path, config), workers, SEGMENT_TIMEOUT_S

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import os
 import time
 import uuid
@@ -46,6 +47,7 @@ from chatterbox_sidecar.engines.chatterbox.conditionals import (
     compute_conditionals,
     compute_conditionals_from_file,
 )
+from chatterbox_sidecar.engines.chatterbox.models import ModelSpec, model_spec
 from chatterbox_sidecar.engines.chatterbox.s3gen.stream import (
     LOOKAHEAD_TOKENS,
     SAMPLE_RATE,
@@ -77,7 +79,9 @@ class ChatterboxEngineConfig:
     """Configuration of the chatterbox engine.
 
     Parameters:
-        model_dir: Folder with the Chatterbox files (``TTS_MODEL_DIR``); None downloads them once
+        model: The Chatterbox model served (``TTS_MODEL``; see ``models``): ``chatterbox`` or
+            ``chatterbox-turbo`` (``chatterbox-multilingual`` is not served yet).
+        model_dir: Folder with the model's files (``TTS_MODEL_DIR``); None downloads them once
             from the Hugging Face Hub (see ``model_files.resolve_model_dir``).
         t3_model_dir: The vLLM model folder (``TTS_T3_MODEL_DIR``); None for
             ``~/.cache/pipecat-chatterbox/t3-model``. Only the vllm backend uses it.
@@ -107,17 +111,18 @@ class ChatterboxEngineConfig:
             audio).
         first_chunk_size: New tokens of the first chunk (smaller: earlier first audio; >= 7).
         context_window: Tokens of left context per chunk (``TTS_CONTEXT_WINDOW``).
-        flow_steps: S3Gen flow-matching steps (upstream ``n_cfm_timesteps``: 10).
+        flow_steps: S3Gen flow-matching steps (None: the model's, 10 or Turbo's 2).
         streaming_default: Mode for requests that do not say (the server resolves it).
         max_concurrency: Contexts generated at once (T3 batch size).
         max_text_chars_per_piece: Longest text piece sent to T3; longer segments are split.
         reference_seconds: Cap on the S3Gen reference prompt, in seconds (upstream: 10); every
             chunk re-processes the prompt, so a shorter one makes S3Gen cheaper. None: 10 on
             CPU, ``CUDA_REFERENCE_SECONDS`` on CUDA.
-        t3_reference_seconds: Seconds of reference tokenized for T3's prompt (upstream: 6).
-        top_p: T3 nucleus sampling threshold.
-        min_p: T3 minimum relative probability.
-        repetition_penalty: T3 repetition penalty (upstream English: 1.2).
+        t3_reference_seconds: Seconds of reference tokenized for T3's prompt (None: the
+            model's, 6 or Turbo's 15).
+        top_p: T3 nucleus sampling threshold (None: the model's, 1.0 or Turbo's 0.95).
+        min_p: T3 minimum relative probability (None: the model's; Turbo has none).
+        repetition_penalty: T3 repetition penalty (None: the model's, 1.2).
         max_speech_tokens: Cap on one piece's speech tokens.
         max_model_len: vLLM context length; None derives it from the piece length and budget.
         gpu_memory_utilization: vLLM's share of GPU memory (leave room for S3Gen).
@@ -126,6 +131,7 @@ class ChatterboxEngineConfig:
         warmup: Decode a few tokens at start so the first request does not pay for it.
     """
 
+    model: str = "chatterbox"
     model_dir: Path | None = None
     t3_model_dir: Path | None = None
     t3_backend: Literal["auto", "vllm", "torch"] = "auto"
@@ -146,21 +152,30 @@ class ChatterboxEngineConfig:
     max_chunk_size: int = 100
     first_chunk_size: int = 12
     context_window: int = 50
-    flow_steps: int = 10
+    flow_steps: int | None = None
     streaming_default: bool = True
     max_concurrency: int = 8
     max_text_chars_per_piece: int = 300
     reference_seconds: float | None = None
-    t3_reference_seconds: float = 6.0
-    top_p: float = 1.0
-    min_p: float = 0.05
-    repetition_penalty: float = 1.2
+    t3_reference_seconds: float | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     max_speech_tokens: int = 1000
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.4
     enforce_eager: bool = True
     cfg_scale: float = 0.5
     warmup: bool = True
+
+    @property
+    def spec(self) -> ModelSpec:
+        """Returns: the served model's spec."""
+        return model_spec(self.model)
+
+    def resolved_flow_steps(self) -> int:
+        """Returns: S3Gen's flow steps (the model's default when unset)."""
+        return self.flow_steps or self.spec.flow_steps
 
     @property
     def on_cuda(self) -> bool:
@@ -179,7 +194,7 @@ class ChatterboxEngineConfig:
             chunk_size=self.chunk_size,
             first_chunk_size=self.first_chunk_size,
             context_window=self.context_window,
-            flow_steps=self.flow_steps,
+            flow_steps=self.resolved_flow_steps(),
             max_chunk_size=self.max_chunk_size,
         )
 
@@ -225,13 +240,22 @@ class ChatterboxEngine(Engine):
     def __init__(self, config: ChatterboxEngineConfig, *, t3_backend: T3Backend | None = None):
         self.config = config
         self._stream_config = config.stream_config()
-        self._conditioning = ConditioningConfig(t3_reference_seconds=config.t3_reference_seconds)
+        spec = self._spec = config.spec
+        self._conditioning = ConditioningConfig(
+            t3_reference_seconds=config.t3_reference_seconds or spec.t3_reference_seconds,
+            t3_prompt_tokens=spec.t3_prompt_tokens,
+        )
+        self._conds_file = spec.conds_file
         self.info = EngineInfo(
             name="chatterbox",
             native_sample_rate=SAMPLE_RATE,
             can_clone=True,
             max_concurrency=config.max_concurrency,
             max_segment_chars=config.max_text_chars_per_piece,
+            model=spec.name,
+            languages=spec.languages,
+            parameters=spec.parameters,
+            tags=spec.tags,
         )
         self._t3: T3Backend | None = t3_backend
         self._s3_executor = ThreadPoolExecutor(1, thread_name_prefix="s3gen")
@@ -260,8 +284,22 @@ class ChatterboxEngine(Engine):
         os.environ.setdefault(
             "NUMBA_CACHE_DIR", str(Path.home() / ".cache" / "pipecat-chatterbox" / "numba")
         )
+        spec = self._spec
         try:
-            self._model_dir = await asyncio.to_thread(resolve_model_dir, cfg.model_dir)
+            if not spec.served:
+                raise EngineError(
+                    f"TTS_MODEL={spec.name} is not served by this version yet "
+                    "(chatterbox and chatterbox-turbo are)"
+                )
+            self._model_dir = await asyncio.to_thread(
+                functools.partial(
+                    resolve_model_dir,
+                    cfg.model_dir,
+                    repo_id=spec.repo_id,
+                    revision=spec.revision,
+                    files=spec.files,
+                )
+            )
             await self._in_s3(self._load_s3gen)
             if cfg.warmup:
                 await self._in_voice_thread(self._warm_up_voice_path)
@@ -280,10 +318,11 @@ class ChatterboxEngine(Engine):
         except Exception as e:
             raise EngineError(f"chatterbox engine failed to start: {e}") from e
         logger.info(
-            f"{self}: ready on {cfg.device} (T3 {type(self._t3).__name__}, hops "
+            f"{self}: {spec.name} ready on {cfg.device} (T3 {type(self._t3).__name__}, hops "
             f"{'/'.join(map(str, self._stream_config.hops()))} tokens, "
             f"context {cfg.context_window}, "
-            f"{cfg.flow_steps} flow steps, reference <= {cfg.resolved_reference_seconds():g} s, "
+            f"{cfg.resolved_flow_steps()} flow steps, "
+            f"reference <= {cfg.resolved_reference_seconds():g} s, "
             f"S3Gen graphs {self._decoder.cuda_graphs}, flow {self._decoder.flow_dtype}, "
             f"fast lane {self._fast_decoder is not None}, capacity {self.info.capacity})"
         )
@@ -300,7 +339,13 @@ class ChatterboxEngine(Engine):
 
         assert self._model_dir is not None
         dtype = getattr(torch, self.config.s3gen_dtype)
-        self._s3gen = load_s3gen(self._model_dir / S3GEN_FILE, self.config.device, dtype)
+        if self._spec.meanflow:
+            from chatterbox_sidecar.engines.chatterbox.turbo.s3gen import load_meanflow_s3gen
+
+            path = self._model_dir / self._spec.s3gen_file
+            self._s3gen = load_meanflow_s3gen(path, self.config.device, dtype)
+        else:
+            self._s3gen = load_s3gen(self._model_dir / S3GEN_FILE, self.config.device, dtype)
         self._ve = load_voice_encoder(self._model_dir / VE_FILE, self.config.device)
         flow_dtype = self.config.flow_dtype or (
             "bfloat16" if self.config.on_cuda else self.config.s3gen_dtype
@@ -446,6 +491,18 @@ class ChatterboxEngine(Engine):
     def _make_t3_backend(self, model_dir: Path) -> T3Backend:
         cfg = self.config
         kind = cfg.t3_backend
+        if self._spec.name == "chatterbox-turbo":
+            if kind == "vllm":
+                raise EngineError("TTS_T3_BACKEND=vllm serves the Original model only")
+            from chatterbox_sidecar.engines.chatterbox.turbo.t3_backend import TurboT3Backend
+
+            return TurboT3Backend(
+                model_dir,
+                device=cfg.device,
+                dtype=cfg.dtype,
+                max_batch_size=cfg.max_concurrency,
+                top_k=self._spec.top_k,
+            )
         if kind == "auto":
             # The torch backend is the measured one (CUDA graphs, sampling in the graph; see
             # BENCHMARKS.md) and follows upstream where chatterbox-vllm does not (per-request
@@ -514,12 +571,12 @@ class ChatterboxEngine(Engine):
         conds = compute_conditionals_from_file(
             voice.reference_path, self._s3gen, self._ve, self._conditioning
         )
-        conds.save(voice.artifact_path(CONDS_FILE))
+        conds.save(voice.artifact_path(self._conds_file))
         logger.info(f"{self}: conditionals for voice '{voice.voice_id}' written")
         return conds
 
     def _load_or_compute(self, voice: Voice) -> VoiceConditionals:
-        path = voice.artifact_path(CONDS_FILE)
+        path = voice.artifact_path(self._conds_file)
         try:
             return VoiceConditionals.load(path)
         except FileNotFoundError:
@@ -589,7 +646,7 @@ class ChatterboxEngine(Engine):
         # caller's longer segment is split by the same shared splitter.
         if len(segment) <= self.config.max_text_chars_per_piece:
             return [segment] if segment.strip() else []
-        return split_text(segment, self.config.max_text_chars_per_piece)
+        return split_text(segment, self.config.max_text_chars_per_piece, keep_tags=self._spec.tags)
 
     def _request(
         self, request_id: str, text: str, cached: _CachedVoice, params: SynthesisParams
@@ -604,9 +661,13 @@ class ChatterboxEngine(Engine):
             exaggeration=params.exaggeration,
             cfg_weight=params.cfg_weight,
             temperature=params.temperature,
-            top_p=cfg.top_p,
-            min_p=cfg.min_p,
-            repetition_penalty=cfg.repetition_penalty,
+            top_p=self._spec.top_p if cfg.top_p is None else cfg.top_p,
+            min_p=self._spec.min_p if cfg.min_p is None else cfg.min_p,
+            repetition_penalty=(
+                self._spec.repetition_penalty
+                if cfg.repetition_penalty is None
+                else cfg.repetition_penalty
+            ),
             max_new_tokens=speech_token_budget(text, max_tokens=cfg.max_speech_tokens),
             seed=params.seed,
         )
@@ -630,6 +691,7 @@ class ChatterboxEngine(Engine):
                     raise EngineError(f"T3 failed: {pump.error}") from pump.error
                 deadline = playback.dry_at(asked_at)
                 if pump.done:
+                    stream.push(self._spec.silence_tokens)  # Turbo ends on 3 silence tokens
                     audio = await scheduler.decode(stream, True, deadline)
                 else:
                     wake: float | None = None
@@ -686,6 +748,7 @@ class ChatterboxEngine(Engine):
 
         async def piece_audio(i: int, piece: str) -> np.ndarray:
             tokens = await self._collect(self._request(f"{context}-{i}", piece, cached, params))
+            tokens.extend(self._spec.silence_tokens)
             return await scheduler.decode_whole(cached.reference, tokens)
 
         # Every piece generates and decodes at once (S3Gen batches them with other contexts'

@@ -78,8 +78,8 @@ class ModelFilesError(RuntimeError):
     """The Chatterbox weights cannot be found or fetched."""
 
 
-def _missing(folder: Path) -> list[str]:
-    return [name for name in MODEL_FILES if not (folder / name).is_file()]
+def _missing(folder: Path, files: tuple[str, ...] = MODEL_FILES) -> list[str]:
+    return [name for name in files if not (folder / name).is_file()]
 
 
 def resolve_model_dir(
@@ -90,6 +90,7 @@ def resolve_model_dir(
     cache_dir: str | Path | None = None,
     endpoint: str | None = None,
     local_files_only: bool = False,
+    files: tuple[str, ...] = MODEL_FILES,
 ) -> Path:
     """Find the folder holding the five Chatterbox files, downloading them if needed.
 
@@ -101,6 +102,7 @@ def resolve_model_dir(
         cache_dir: Hugging Face cache folder (default: ``HF_HOME``'s).
         endpoint: Hub endpoint (default: ``HF_ENDPOINT`` or huggingface.co).
         local_files_only: Only look in the cache.
+        files: The files the model needs (another model's, see ``models.ModelSpec.files``).
 
     Returns:
         The folder with the files.
@@ -110,13 +112,13 @@ def resolve_model_dir(
             names both ways to provide them.
     """
     how = (
-        f"Either set TTS_MODEL_DIR to a folder holding {', '.join(MODEL_FILES)}, or leave it "
+        f"Either set TTS_MODEL_DIR to a folder holding {', '.join(files)}, or leave it "
         f"unset and allow the one-time download of {repo_id}@{revision[:12]} from the Hugging "
         f"Face Hub (network access; cached under HF_HOME)."
     )
     if model_dir is not None:
         folder = Path(model_dir).expanduser()
-        missing = _missing(folder) if folder.is_dir() else list(MODEL_FILES)
+        missing = _missing(folder, files) if folder.is_dir() else list(files)
         if missing:
             raise ModelFilesError(f"TTS_MODEL_DIR={folder} lacks {', '.join(missing)}. {how}")
         logger.info(f"Chatterbox weights from TTS_MODEL_DIR={folder}")
@@ -132,7 +134,7 @@ def resolve_model_dir(
         path = snapshot_download(
             repo_id,
             revision=revision,
-            allow_patterns=list(MODEL_FILES),
+            allow_patterns=list(files),
             cache_dir=str(cache_dir) if cache_dir is not None else None,
             endpoint=endpoint,
             local_files_only=local_files_only,
@@ -142,7 +144,7 @@ def resolve_model_dir(
             f"Could not download the Chatterbox weights ({type(exc).__name__}: {exc}). {how}"
         ) from exc
     folder = Path(path)
-    missing = _missing(folder)
+    missing = _missing(folder, files)
     if missing:
         raise ModelFilesError(f"The download in {folder} lacks {', '.join(missing)}. {how}")
     return folder

@@ -326,6 +326,9 @@ class S3GenStreamDecoder:
         if compile_flow:
             self._estimator = torch.compile(self._estimator, dynamic=True)
         self._cfg_rate = float(decoder.inference_cfg_rate)
+        # Turbo's distilled estimator (turbo.s3gen): plain Euler on a linear schedule, no
+        # guidance rows, the step's end time passed beside its start.
+        self.meanflow = bool(getattr(decoder.estimator, "meanflow", False))
         encoder = self.flow.encoder
         if encoder.static_chunk_size != 0 or encoder.use_dynamic_chunk:
             raise ValueError("S3Gen's encoder uses chunk masks, which _encode does not build")
@@ -359,7 +362,7 @@ class S3GenStreamDecoder:
         self._trim_fade = trim
         # As upstream: float32 on the device.
         t_span = torch.linspace(0, 1, config.flow_steps + 1, device=self.device)
-        if decoder.t_scheduler == "cosine":
+        if decoder.t_scheduler == "cosine" and not self.meanflow:
             t_span = 1 - torch.cos(t_span * 0.5 * torch.pi)
         self._t_span = t_span
 
@@ -522,13 +525,15 @@ class S3GenStreamDecoder:
                         self.graphs("encoder", self._encode, tokens, lengths)
                     step = self._frame_step
                     top = bucket(2 * longest, step) + 1
+                    flow_rows = rows if self.meanflow else 2 * rows  # guidance rows
+                    step_fn = self._meanflow_step if self.meanflow else self._euler_step
                     for frames in range(bucket(2 * shortest, step), top, step):
                         x = torch.randn(rows, 80, frames, device=dev)
-                        mask = torch.ones(2 * rows, 1, frames, device=dev, dtype=fd)
-                        mu = torch.randn(2 * rows, 80, frames, device=dev, dtype=fd)
-                        spks = torch.randn(2 * rows, spk_dim, device=dev, dtype=fd)
-                        cond = torch.randn(2 * rows, 80, frames, device=dev, dtype=fd)
-                        self.graphs("flow_step", self._euler_step, x, mask, mu, t, spks, cond, dt)
+                        mask = torch.ones(flow_rows, 1, frames, device=dev, dtype=fd)
+                        mu = torch.randn(flow_rows, 80, frames, device=dev, dtype=fd)
+                        spks = torch.randn(flow_rows, spk_dim, device=dev, dtype=fd)
+                        cond = torch.randn(flow_rows, 80, frames, device=dev, dtype=fd)
+                        self.graphs("flow_step", step_fn, x, mask, mu, t, spks, cond, dt)
                     finals = final_lengths if rows <= FINAL_PRECAPTURE_ROWS else set()
                     lengths = mel_lengths | finals
                     for length in sorted(lengths):
@@ -720,19 +725,21 @@ class S3GenStreamDecoder:
         spks: torch.Tensor,
         cond: torch.Tensor,
     ) -> torch.Tensor:
-        """Euler steps on a cosine schedule, CFG rows stacked after the conditional rows."""
-        mask_in = torch.cat([mask, mask])
-        mu_in = torch.cat([mu, torch.zeros_like(mu)])
-        spks_in = torch.cat([spks, torch.zeros_like(spks)])
-        cond_in = torch.cat([cond, torch.zeros_like(cond)])
+        """Euler steps: cosine schedule with guidance rows, or meanflow's linear one without."""
+        if self.meanflow:
+            step_fn, mask_in, mu_in, spks_in, cond_in = self._meanflow_step, mask, mu, spks, cond
+        else:
+            step_fn = self._euler_step
+            mask_in = torch.cat([mask, mask])
+            mu_in = torch.cat([mu, torch.zeros_like(mu)])
+            spks_in = torch.cat([spks, torch.zeros_like(spks)])
+            cond_in = torch.cat([cond, torch.zeros_like(cond)])
         t_span = self._t_span
         t = t_span[0:1]
         dt = (t_span[1] - t_span[0]).reshape(1)
         x = x.float()
         for step in range(1, len(t_span)):
-            x = self.graphs(
-                "flow_step", self._euler_step, x, mask_in, mu_in, t, spks_in, cond_in, dt
-            )
+            x = self.graphs("flow_step", step_fn, x, mask_in, mu_in, t, spks_in, cond_in, dt)
             t = t + dt
             if step < len(t_span) - 1:
                 dt = t_span[step + 1 : step + 2] - t
@@ -757,6 +764,27 @@ class S3GenStreamDecoder:
         v = self._estimator(torch.cat([xd, xd]), mask_in, mu_in, t_in, spks_in, cond_in).float()
         rate = self._cfg_rate
         return x + dt * ((1.0 + rate) * v[:b] - rate * v[b:])
+
+    def _meanflow_step(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        mu: torch.Tensor,
+        t: torch.Tensor,
+        spks: torch.Tensor,
+        cond: torch.Tensor,
+        dt: torch.Tensor,
+    ) -> torch.Tensor:
+        """One meanflow Euler step from ``t`` to ``t + dt`` (upstream's ``basic_euler``).
+
+        The estimator gets the start and end times stacked (``turbo.s3gen.MeanflowTime``).
+        """
+        b = x.shape[0]
+        times = torch.cat([t.expand(b), (t + dt).expand(b)])
+        if self.flow_dtype == self.dtype:
+            times = times.to(self.dtype)
+        v = self._estimator(x.to(self.flow_dtype), mask, mu, times, spks, cond).float()
+        return x + dt * v
 
     def _row_bucket(self, n: int) -> int:
         return pow2_bucket(n) if self.cuda_graphs else n
