@@ -98,6 +98,7 @@ class Synthesize:
     seed: int | None
     sample_rate: int
     encoding: str
+    word_timestamps: bool = False
 
 
 @dataclass(frozen=True)
@@ -360,6 +361,7 @@ def _parse_synthesize(fields: _Fields) -> Synthesize:
             "sample_rate", DEFAULT_SAMPLE_RATE, MIN_SAMPLE_RATE, MAX_SAMPLE_RATE
         ),
         encoding=encoding,
+        word_timestamps=fields.bool("word_timestamps", False),
     )
 
 
@@ -404,13 +406,17 @@ def _no_reprs(message: str) -> str:
     return _REPR.sub("<object>", message)
 
 
-def started(context_id: str, request: Synthesize, streaming: bool) -> dict[str, Any]:
+def started(
+    context_id: str, request: Synthesize, streaming: bool, word_timestamps: bool = False
+) -> dict[str, Any]:
     """Build a ``started`` message echoing the parameters in effect.
 
     Args:
         context_id: The context.
         request: The message that opened the context.
         streaming: The mode in effect (the request's flag or the server default).
+        word_timestamps: Whether ``timestamps`` messages come for this context (asked for,
+            and the engine can align).
 
     Returns:
         The message.
@@ -426,6 +432,30 @@ def started(context_id: str, request: Synthesize, streaming: bool) -> dict[str, 
         "cfg_weight": request.cfg_weight,
         "temperature": request.temperature,
         "seed": request.seed,
+        "word_timestamps": word_timestamps,
+    }
+
+
+def timestamps(
+    context_id: str, words: list[str], start: list[float], end: list[float]
+) -> dict[str, Any]:
+    """Build a ``timestamps`` message: client words and when they are spoken.
+
+    Args:
+        context_id: The context.
+        words: The words, as the client sent them (split on whitespace), in order.
+        start: Each word's start, in seconds from the context's first audio sample.
+        end: Each word's end, on the same clock.
+
+    Returns:
+        The message.
+    """
+    return {
+        "type": "timestamps",
+        "context_id": context_id,
+        "words": words,
+        "start": start,
+        "end": end,
     }
 
 

@@ -27,12 +27,13 @@ def _tokens(text: str) -> list[tuple[str, int, int]]:
 
 @lru_cache(maxsize=4096)
 def _spoken_tokens(word: str) -> tuple[frozenset[str], str]:
-    """The tokens a client word may be spoken as (its own and its normalised form's), and
-    its letters and digits run together (lower-case)."""
+    """A client word's possible spoken tokens, and its letters and digits run together.
+
+    The tokens are its own and those of its normalised form, lower-case.
+    """
     own = _tokens(word)
-    return frozenset(t for t, _, _ in own + _tokens(normalize_text(word))), "".join(
-        t for t, _, _ in own
-    )
+    spoken = frozenset(t for t, _, _ in own + _tokens(normalize_text(word)))
+    return spoken, "".join(t for t, _, _ in own)
 
 
 def _match(token: str, expected: tuple[frozenset[str], str]) -> int:
@@ -94,17 +95,19 @@ def align_tokens(words: list[str], tokens: list[str]) -> list[int]:
     return path[::-1]
 
 
-def segment_owners(span: SourceSpan, first_word: int) -> list[list[int | None]]:
-    """Which client word each character of the span's segments stands for.
+Owners = list[list[int | None]]
+
+
+def segment_owners(span: SourceSpan) -> Owners:
+    """Which of the span's words each character of its segments stands for.
 
     Args:
         span: A cut of the context's text and its normalised segments.
-        first_word: Index (in the context) of the span's first word.
 
     Returns:
-        One list per segment, one entry per character: the word's index in the context, or
-        None for spaces (and for text before the first letter or digit). Punctuation belongs
-        to the token before it.
+        One list per segment, one entry per character: the index of the word among the
+        span's words (its whitespace-separated runs), or None for spaces (and for text before
+        the first letter or digit). Punctuation belongs to the token before it.
     """
     words = [m[0] for m in _WORD.finditer(span.text)]
     seg_tokens = [_tokens(segment) for segment in span.segments]
@@ -120,7 +123,7 @@ def segment_owners(span: SourceSpan, first_word: int) -> list[list[int | None]]:
         while pos < len(segment):
             if pos in starts:
                 end, i = starts[pos]
-                current = first_word + owners_of_tokens[k + i]
+                current = owners_of_tokens[k + i]
                 owners[pos:end] = [current] * (end - pos)
                 pos = end
                 continue
@@ -161,7 +164,7 @@ class WordTimeline:
     def __init__(self) -> None:
         """Initialize an empty timeline."""
         self._words: list[_Word] = []
-        self._segments: list[list[int | None]] = []
+        self._segments: list[tuple[int, list[int | None]]] = []  # (first word, owners)
         self._text_end = -1  # offset just past the last source's text
         self._open_word = False  # the last source ends inside a word
         self._sent = 0  # words handed out
@@ -173,13 +176,28 @@ class WordTimeline:
         """Returns: segments registered so far."""
         return len(self._segments)
 
-    def add_sources(self, spans: list[SourceSpan]) -> None:
+    @staticmethod
+    def prepare(spans: list[SourceSpan]) -> list[Owners]:
+        """The costly part of :meth:`add_sources` (it normalises each word), for a thread.
+
+        Args:
+            spans: Cuts from :meth:`TextSegmenter.push_sources` or ``flush_sources``.
+
+        Returns:
+            What :meth:`add_sources` takes as ``owners``.
+        """
+        return [segment_owners(span) for span in spans]
+
+    def add_sources(self, spans: list[SourceSpan], owners: list[Owners] | None = None) -> None:
         """Register text cuts; their segments get the next segment indices, in order.
 
         Args:
             spans: Cuts from :meth:`TextSegmenter.push_sources` or ``flush_sources``.
+            owners: ``prepare(spans)`` if already computed.
         """
-        for span in spans:
+        if owners is None:
+            owners = self.prepare(spans)
+        for span, span_owners in zip(spans, owners, strict=True):
             matches = list(_WORD.finditer(span.text))
             continues = bool(matches) and self._open_word and span.start == self._text_end
             continues = continues and matches[0].start() == 0
@@ -189,7 +207,7 @@ class WordTimeline:
                     self._words[first].text += m[0]
                 else:
                     self._words.append(_Word(m[0]))
-            self._segments.extend(segment_owners(span, first))
+            self._segments.extend((first, segment) for segment in span_owners)
             self._text_end = span.start + len(span.text)
             self._open_word = bool(span.text) and not span.text[-1].isspace()
 
@@ -205,9 +223,9 @@ class WordTimeline:
         """
         if not 0 <= segment < len(self._segments):
             return
-        owners = self._segments[segment]
+        first, owners = self._segments[segment]
         for index in {o for o in owners[max(0, start_char) : end_char] if o is not None}:
-            word = self._words[index]
+            word = self._words[first + index]
             word.start = start if word.start is None else min(word.start, start)
             word.end = end if word.end is None else max(word.end, end)
 
