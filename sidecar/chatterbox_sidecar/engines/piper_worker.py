@@ -250,6 +250,7 @@ def synthesize_aligned(voice, text: str) -> Iterator[tuple[np.ndarray, list[Span
     pieces = [piece for sentence in voice.phonemize(text) for piece in split_phonemes(sentence)]
     plan = plan_words(voice, text, pieces)
     own_ids = voice.config.phoneme_type != PhonemeType.PINYIN
+    durations = has_durations(voice)
     first_sound = 0  # index of the piece's first spoken phoneme among the segment's
     for n, piece in enumerate(pieces):
         if own_ids:
@@ -257,8 +258,11 @@ def synthesize_aligned(voice, text: str) -> Iterator[tuple[np.ndarray, list[Span
         else:  # another id scheme: time the phonemes evenly
             ids = voice.phonemes_to_ids(piece)
             starts = [round(i * len(ids) / len(piece)) for i in range(len(piece) + 1)]
-        result = voice.phoneme_ids_to_audio(ids, syn_config, include_alignments=True)
-        audio, frames = result if isinstance(result, tuple) else (result, None)
+        audio, frames = (
+            voice.phoneme_ids_to_audio(ids, syn_config, include_alignments=True)
+            if durations
+            else (voice.phoneme_ids_to_audio(ids, syn_config), None)
+        )
         if frames is None or len(frames) != len(ids) or int(np.sum(frames)) != len(audio):
             frames = np.full(len(ids), len(audio) / max(1, len(ids)))  # the even fallback
         edges = np.concatenate([[0.0], np.cumsum(frames, dtype=np.float64)])
