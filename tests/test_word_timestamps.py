@@ -21,7 +21,11 @@ SENTENCES = [
     "Monday through Friday.",
     "Please call me back tomorrow morning about the unpaid invoice of the company.",
 ]
-PIECES = ["It costs $5 million", " — no, I think—actually ", "it's fine. Call (555) 123-4567 today! 🙂"]
+PIECES = [
+    "It costs $5 million",
+    " — no, I think—actually ",
+    "it's fine. Call (555) 123-4567 today! 🙂",
+]
 
 
 def timestamps_of(client: TTSClient, context_id: str) -> list[dict]:
@@ -111,7 +115,8 @@ async def test_timestamps_come_before_their_audio_and_name_each_word_once(sideca
     by_word = {w: (s, e) for w, s, e in words}
     assert by_word["$5"][1] - by_word["$5"][0] > 0.2
     assert by_word["—"][0] == by_word["—"][1] == by_word["no,"][0]
-    assert by_word["🙂"][0] == by_word["🙂"][1] == pytest.approx(result.end["audio_seconds"], abs=0.01)
+    end_s = result.end["audio_seconds"]
+    assert by_word["🙂"][0] == by_word["🙂"][1] == pytest.approx(end_s, abs=0.01)
 
 
 async def test_no_timestamps_unless_asked(sidecar):
