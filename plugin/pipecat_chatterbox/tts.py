@@ -8,6 +8,14 @@ sidecar answers ``started``, raw ``pcm_s16le`` audio at the pipeline's output ra
 ``done``, which closes the context at once. While connected, the service sends ``keepalive``
 at a third of the sidecar's idle timeout (at most every 20 s), so an idle call is never
 closed under it.
+
+Word timestamps (on by default): each context asks for ``word_timestamps`` and the sidecar's
+``timestamps`` messages go to Pipecat's word-timestamp machinery, which releases each word as a
+``TTSTextFrame`` when playback reaches it; an interrupted turn's assistant message then holds
+only the words the listener heard. A sidecar or engine that cannot time words says so in
+``started``; the service then times the context's words where its text was sent (the audio
+received so far), which counts a sentence as heard once its audio starts, as services without
+word timings do.
 """
 
 import asyncio
@@ -95,6 +103,7 @@ class ChatterboxTTSService(WebsocketTTSService):
         sample_rate: int | None = None,
         seed: int | None = None,
         voice_request_timeout: float = 30.0,
+        word_timestamps: bool = True,
         settings: Settings | None = None,
         text_aggregation_mode: TextAggregationMode | None = None,
         **kwargs,
@@ -110,6 +119,9 @@ class ChatterboxTTSService(WebsocketTTSService):
             seed: Optional sampling seed sent with every request (used by the GPU engine).
             voice_request_timeout: Seconds that ``register_voice`` and friends wait for
                 the sidecar's reply.
+            word_timestamps: Ask the sidecar when each word is spoken, so that the
+                conversation keeps only the words heard before an interruption. False: one
+                ``TTSTextFrame`` per sentence, pushed as its audio starts.
             settings: Runtime-updatable settings; fields given here override the defaults
                 (voice ``default``, exaggeration 0.5, cfg_weight 0.5, temperature 0.8).
             text_aggregation_mode: ``TextAggregationMode.SENTENCE`` (default) sends whole
@@ -131,9 +143,10 @@ class ChatterboxTTSService(WebsocketTTSService):
 
         super().__init__(
             text_aggregation_mode=text_aggregation_mode,
-            # The sidecar sends no word timings, so the base pushes one TTSTextFrame per
-            # sentence, behind that sentence's TTSStartedFrame.
-            push_text_frames=True,
+            # With word timings the base builds one TTSTextFrame per word, timed to the
+            # audio; without, it pushes one per sentence, behind that sentence's
+            # TTSStartedFrame.
+            push_text_frames=not word_timestamps,
             # The base opens the audio context, starts TTFB and pushes TTSStartedFrame;
             # the sidecar's ``done`` gives the TTSStoppedFrame.
             push_start_frame=True,
@@ -150,6 +163,7 @@ class ChatterboxTTSService(WebsocketTTSService):
         self._api_key = api_key
         self._seed = seed
         self._voice_request_timeout = voice_request_timeout
+        self._word_timestamps = word_timestamps
 
         self._receive_task: asyncio.Task | None = None
         # What the sidecar announced in ``ready``.
@@ -168,6 +182,10 @@ class ChatterboxTTSService(WebsocketTTSService):
         self._failed_contexts: deque[str] = deque(maxlen=_ENDED_MEMORY)
         # False once the sidecar has answered ``keepalive`` with ``unknown_type``.
         self._keepalive_supported = True
+        # Word timestamps: text sent for contexts not ``started`` yet, and the contexts whose
+        # ``started`` said the sidecar sends no timings, with the audio seconds received.
+        self._text_before_start: dict[str, list[str]] = {}
+        self._untimed_audio_s: dict[str, float] = {}
 
     def can_generate_metrics(self) -> bool:
         """Check if this service can generate processing metrics.
@@ -394,6 +412,8 @@ class ChatterboxTTSService(WebsocketTTSService):
             "sample_rate": self.sample_rate,
             "encoding": ENCODING,
         }
+        if self._word_timestamps:
+            msg["word_timestamps"] = True
         for name in ("exaggeration", "cfg_weight", "temperature"):
             value = getattr(self._settings, name)
             if value is not None:
@@ -462,6 +482,7 @@ class ChatterboxTTSService(WebsocketTTSService):
             await self.remove_audio_context(context_id)
             return
         await self.start_tts_usage_metrics(text)
+        await self._note_text_sent(piece, context_id)
         yield None
 
     async def flush_audio(self, context_id: str | None = None):
@@ -501,8 +522,71 @@ class ChatterboxTTSService(WebsocketTTSService):
 
     def _mark_ended(self, context_id: str):
         self._open_contexts.pop(context_id, None)
+        self._text_before_start.pop(context_id, None)
+        self._untimed_audio_s.pop(context_id, None)
         if context_id not in self._ended_contexts:
             self._ended_contexts.append(context_id)
+
+    #
+    # Word timestamps
+    #
+
+    async def _note_text_sent(self, piece: str, context_id: str):
+        """Keep a piece sent for a context whose ``started`` has not come, or time it now."""
+        if not self._word_timestamps:
+            return
+        if context_id in self._untimed_audio_s:
+            await self._time_untimed_words(piece, context_id)
+            return
+        if len(self._text_before_start) > _ENDED_MEMORY:  # contexts a lost connection carried
+            for stale in [c for c in self._text_before_start if c in self._ended_contexts]:
+                del self._text_before_start[stale]
+        self._text_before_start.setdefault(context_id, []).append(piece)
+
+    async def _time_untimed_words(self, text: str, context_id: str):
+        """Time the words of text the sidecar will not time: at the audio received so far.
+
+        A word cut by the end of a token piece is timed twice in part; Pipecat matches words
+        against the text it sent, and whatever is left untimed it releases at the end of the
+        context.
+        """
+        at = self._untimed_audio_s.get(context_id, 0.0)
+        words = [(word, at) for word in text.split()]
+        if words:
+            await self.add_word_timestamps(words, context_id)
+
+    async def _handle_started_timestamps(self, msg: dict[str, Any], context_id: str):
+        """Note whether the sidecar times this context's words; if not, time the text sent."""
+        sent = self._text_before_start.pop(context_id, [])
+        if not self._word_timestamps or msg.get("word_timestamps") is True:
+            return
+        if context_id not in self._untimed_audio_s:
+            logger.debug(
+                f"{self}: the sidecar ({self._server_info.get('engine')}) sends no word "
+                f"timestamps for context {context_id}; each sentence counts as heard when its "
+                "audio starts"
+            )
+        if len(self._untimed_audio_s) > _ENDED_MEMORY:
+            for stale in [c for c in self._untimed_audio_s if c in self._ended_contexts]:
+                del self._untimed_audio_s[stale]
+        self._untimed_audio_s[context_id] = 0.0
+        await self._time_untimed_words("".join(sent), context_id)
+
+    async def _handle_timestamps(self, msg: dict[str, Any], context_id: str | None):
+        """Hand the sidecar's word timings to Pipecat, which releases each word in time."""
+        words, starts = msg.get("words"), msg.get("start")
+        if not context_id or not isinstance(words, list) or not isinstance(starts, list):
+            logger.warning(f"{self}: ignoring a malformed timestamps message: {msg!r:.200}")
+            return
+        if not self.audio_context_available(context_id):
+            return  # a cancelled or interrupted context's timings still on the wire
+        word_times = [
+            (word, float(start))
+            for word, start in zip(words, starts, strict=False)
+            if isinstance(word, str) and isinstance(start, int | float)
+        ]
+        logger.trace(f"{self}: context {context_id} word times {word_times}")
+        await self.add_word_timestamps(word_times, context_id)
 
     async def _end_audio_context_now(self, context_id: str):
         """Queue a context's ``TTSStoppedFrame`` and close it, if it is still open."""
@@ -545,6 +629,8 @@ class ChatterboxTTSService(WebsocketTTSService):
             num_channels=1,
             context_id=context_id,
         )
+        if context_id in self._untimed_audio_s:
+            self._untimed_audio_s[context_id] += usable / 2 / self.sample_rate
         await self.append_to_audio_context(context_id, frame)
 
     async def _handle_message(self, msg: dict[str, Any]):
@@ -556,9 +642,13 @@ class ChatterboxTTSService(WebsocketTTSService):
         msg_type = msg.get("type")
         context_id = msg.get("context_id")
 
-        if msg_type == "started":
+        if msg_type == "timestamps":
+            await self._handle_timestamps(msg, context_id)
+        elif msg_type == "started":
             self._delivering_context_id = context_id
             self._pending_byte = b""
+            if context_id:
+                await self._handle_started_timestamps(msg, context_id)
             if msg.get("sample_rate", self.sample_rate) != self.sample_rate or (
                 msg.get("encoding", ENCODING) != ENCODING
             ):
