@@ -125,8 +125,13 @@ async def test_no_timestamps_unless_asked(sidecar):
         plain = await client.synthesize("Nothing timed here.", context_id="plain")
         off = await client.synthesize("Nor here.", context_id="off", word_timestamps=False)
         assert timestamps_of(client, "plain") == timestamps_of(client, "off") == []
+        bad = await client.request(
+            {"type": "synthesize", "text": "Hi.", "context_id": "bad", "word_timestamps": "yes"},
+            "error",
+        )
     assert plain.started["word_timestamps"] is False and off.started["word_timestamps"] is False
     assert plain.end["type"] == off.end["type"] == "done"
+    assert bad["code"] == "invalid_request" and "word_timestamps" in bad["message"]
 
 
 async def test_cancel_stops_timestamps_too(sidecar):
