@@ -8,6 +8,21 @@ import re
 import pytest
 from chatterbox_sidecar.text import TextSegmenter
 from chatterbox_sidecar.words import WordTimeline, align_tokens, segment_owners
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+
+class _Recording(WordTimeline):
+    """A timeline that also keeps every word it handed out."""
+
+    def take(self, final_time=None):
+        out = super().take(final_time)
+        self.__dict__.setdefault("sent", []).extend((w.word, w.start) for w in out)
+        return out
+
+
+def timeline_sent(timeline):
+    return timeline.__dict__.get("sent", [])
 
 
 def cuts(*pieces: str, max_chars: int = 300):
@@ -131,3 +146,34 @@ def test_word_cut_across_pieces_is_one_word_and_late_text_is_never_lost():
     timeline.add_sources(segmenter.flush_sources())
     rest = [w.word for w in timeline.take(final_time=3.0)]
     assert "".join(sent + rest) == "".join("I was thinking quite hard—nevermind that.".split())
+
+
+_PIECES = st.lists(
+    st.lists(
+        st.sampled_from(
+            [*"ab Z9$€%.,;:!?-—/()*_#@&'\"\n\t", "🙂", "é", "1,000", "Dr. ", "3:30 pm"]
+        ),
+        max_size=30,
+    ).map("".join),
+    max_size=6,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(pieces=_PIECES)
+def test_any_text_in_any_pieces_gives_each_word_once(pieces):
+    segmenter = TextSegmenter(max_chars=20, first_clause_min_chars=5)
+    timeline = _Recording()
+    for piece in pieces:
+        timeline.add_sources(segmenter.push_sources(piece))
+    timeline.add_sources(segmenter.flush_sources())
+    # Time every character of every segment, in order, a tenth of a second each.
+    for k, (_, owners) in enumerate(timeline._segments):
+        for c in range(len(owners)):
+            timeline.time(k, c, c + 1, 0.1 * (k + c), 0.1 * (k + c) + 0.05)
+        timeline.take()
+    timeline.take(final_time=1000.0)
+    words = [w for w, _ in timeline_sent(timeline)]
+    assert "".join(words) == "".join("".join(pieces).replace("\r", "").split())
+    starts = [s for _, s in timeline_sent(timeline)]
+    assert starts == sorted(starts)
