@@ -50,6 +50,32 @@ case "$step" in
     run 110 profile16 python3 benchmarks/load_profile.py --streams 16 --seconds 20 \
       --profile-seconds 2 --out "$OUT/profile16.json"
     ;;
+  trace)  # issue 12's trace of the new engine (16 and 64 streams, a first-chunk variant) and
+    # issue 13's registration profile
+    run 120 voice python3 benchmarks/voice_profile.py --seconds 10 --rounds 4 \
+      --out "$OUT/voice_profile.json"
+    run 130 profile16 python3 benchmarks/load_profile.py --streams 16 --seconds 20 \
+      --profile-seconds 2 --out "$OUT/profile16.json" "$@"
+    run 130 profile16_first12 python3 benchmarks/load_profile.py --streams 16 --seconds 20 \
+      --profile-seconds 0 --engine-config '{"first_chunk_size": 12}' \
+      --out "$OUT/profile16_first12.json" "$@"
+    run 130 profile64 python3 benchmarks/load_profile.py --streams 64 --seconds 20 \
+      --profile-seconds 2 --out "$OUT/profile64.json" "$@"
+    ;;
+  levers)  # T3 prefill graphs checked; first chunk 7 vs 12 at 1 and 16 streams; issue 13
+    run 120 tests python3 -m pytest -q -p no:cacheprovider -x tests/chatterbox/test_t3_cuda.py
+    run 60 voice python3 benchmarks/voice_profile.py --seconds 10 --rounds 2 \
+      --out "$OUT/voice_profile.json"
+    run 200 first_chunk python3 benchmarks/load_profile.py --variants 7:1,12:1,7:16,12:16 \
+      --seconds 20 --profile-seconds 0 --out "$OUT/first_chunk.json" "$@"
+    run 230 voice_bench python3 benchmarks/voice_bench.py --streams 16 --seconds 40 \
+      --voices 10 --out "$OUT/voice_bench.json"
+    ;;
+  table2)  # issue 12's table after the levers: 1/4/8/16/64 streams x 60 s, batch mode
+    run 580 table python3 benchmarks/gpu_bench.py --out "$OUT/table.json" --sections server \
+      --server-levels 1,4,8,16,64 --server-seconds 60 --server-timeout 420 \
+      --server-batch-streams 32 "$@"
+    ;;
   final)  # what one last call can hold: the new engine at 1/16/32/64 streams x 35 s, batch mode
     run 345 table python3 benchmarks/gpu_bench.py --out "$OUT/table.json" --sections server \
       --server-levels 1,16,32,64 --server-seconds 35 --server-timeout 330 \

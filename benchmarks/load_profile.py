@@ -14,7 +14,7 @@ Meanwhile it records, without changing the engine:
 
 Output: one JSON (no trace file; the trace is summarised here).
 
-    python benchmarks/load_profile.py --model-dir /tmp/cbx-bench --streams 16 --seconds 30 \
+    python benchmarks/load_profile.py --model-dir /tmp/cbx-bench --variants 7:1,7:16 --seconds 30 \
         --out $OUT/profile16.json
 """
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 import time
@@ -169,7 +170,7 @@ async def run(args) -> dict:
         model_dir=Path(args.model_dir),
         device=args.device,
         t3_backend="torch",
-        max_concurrency=max(64, args.streams),
+        max_concurrency=64,
         **json.loads(args.engine_config),
     )
     if args.device != "cpu":
@@ -179,115 +180,167 @@ async def run(args) -> dict:
     engine = ChatterboxEngine(config)
     started = time.perf_counter()
     await engine.start()
-    result: dict = {"start_s": round(time.perf_counter() - started, 1), "streams": args.streams}
+    result: dict = {"start_s": round(time.perf_counter() - started, 1)}
     timings = Timings()
     t3 = engine._t3.decoder
     timings.wrap(t3, "step", "t3_step", lambda: len(t3.active_ids))
     timings.wrap(t3, "add_batch", "t3_prefill", lambda requests: len(requests))
-    timings.wrap(
-        engine._decoder,
-        "decode_chunks",
-        "s3gen",
-        lambda streams, finals: len(streams),
-        lambda streams, finals: sum(s.chunks_decoded == 0 for s in streams),
-    )
-    records: list[dict] = []
-    rate = SAMPLE_RATE * 4
-
-    async def speak(k: int, deadline: float) -> None:
-        await asyncio.sleep(k / args.streams)
-        r = 0
-        while time.perf_counter() < deadline:
-            text = AGENT_SENTENCES[(k + r) % len(AGENT_SENTENCES)]
-            r += 1
-
-            async def one(text=text):
-                yield text
-
-            t0 = time.perf_counter()
-            arrivals = []
-            async for audio in engine.synthesize(one(), SynthesisParams(seed=k * 1000 + r), None):
-                if len(audio):
-                    arrivals.append((time.perf_counter(), len(audio) * 4))
-            end = time.perf_counter()
-            samples = sum(n for _, n in arrivals) / 4
-            records.append(
-                {
-                    "stream": k,
-                    "t": t0,
-                    "ttfa_ms": 1000 * (arrivals[0][0] - t0) if arrivals else None,
-                    "audio_s": samples / SAMPLE_RATE,
-                    "rtf": (end - t0) / (samples / SAMPLE_RATE) if samples else None,
-                    "chunks": len(arrivals),
-                    **continuity(arrivals, rate),
-                }
+    lanes = {"s3gen": engine._decoder, "s3gen_fast": getattr(engine, "_fast_decoder", None)}
+    for key, lane_decoder in lanes.items():
+        if lane_decoder is not None:
+            timings.wrap(
+                lane_decoder,
+                "decode_chunks",
+                key,
+                lambda streams, *rest: len(streams),
+                lambda streams, *rest: sum(s.chunks_decoded == 0 for s in streams),
             )
+    # Per T3 request: when it was queued, and when its 1st and 10th tokens were sampled (the
+    # first chunk needs 10: 7 new + 3 of look-ahead), to split time to first audio.
+    t3_marks: dict[str, list[float | None]] = {}
+    generate, advance = engine._t3.generate, t3._advance
 
-    # warm-up: one utterance per stream at this concurrency (records new batch shapes)
-    await asyncio.gather(*(speak(k, time.perf_counter() + 1.5) for k in range(args.streams)))
-    records.clear()
-    sampler = GpuSampler(200).start()
-    t_start = time.perf_counter()
-    epoch_start = time.time()
-    deadline = t_start + args.seconds
-    load = asyncio.gather(*(speak(k, deadline) for k in range(args.streams)))
-    prof_window = None
-    if args.profile_seconds > 0:
-        await asyncio.sleep(max(0.0, (args.seconds - args.profile_seconds) / 2))
-        from torch.profiler import ProfilerActivity, profile
+    def timed_generate(request):
+        t3_marks[request.request_id] = [time.perf_counter(), None, None]
+        return generate(request)
 
-        cuda = args.device.startswith("cuda")
-        prof = profile(
-            activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    def timed_advance(states, picked, guided):
+        now = time.perf_counter()
+        for state in states:
+            marks = t3_marks.get(state.request.request_id)
+            if marks is not None and state.generated == 0:
+                marks[1] = now
+            elif marks is not None and state.generated == 9:
+                marks[2] = now
+        return advance(states, picked, guided)
+
+    engine._t3.generate, t3._advance = timed_generate, timed_advance
+
+    async def measure(streams: int, first_chunk: int) -> dict:
+        """One level: ``streams`` speaking for ``args.seconds`` with this first chunk size."""
+        engine._stream_config = dataclasses.replace(
+            engine._stream_config, first_chunk_size=first_chunk
         )
-        prof.start()
-        p0 = time.perf_counter()
-        await asyncio.sleep(args.profile_seconds)
-        # No torch.cuda.synchronize(): the S3Gen thread may be recording a CUDA graph, and a
-        # device-wide sync during a capture is an error; stop() collects what has finished.
-        prof.stop()
-        prof_window = (p0, time.perf_counter())
-    await load
-    t_end = time.perf_counter()
-    sampler.stop()
-    measured = [r for r in records if r["ttfa_ms"] is not None and r["t"] >= t_start]
-    gaps = [r["longest_gap_s"] for r in measured]
-    result["utterances"] = len(measured)
-    result["gap_free_share"] = (
-        round(sum(r["gap_free"] for r in measured) / len(measured), 3) if measured else None
-    )
-    result["longest_gap_p95_s"] = pct(gaps, 95)
-    result["longest_gap_max_s"] = round(max(gaps), 2) if gaps else None
-    result["ttfa_p50_ms"] = pct([r["ttfa_ms"] for r in measured], 50)
-    result["ttfa_p95_ms"] = pct([r["ttfa_ms"] for r in measured], 95)
-    result["rtf_p50"] = pct([r["rtf"] for r in measured if r["rtf"]], 50)
-    result["audio_s_per_s"] = round(sum(r["audio_s"] for r in measured) / (t_end - t_start), 2)
-    result["chunks_per_utterance"] = pct([r["chunks"] for r in measured], 50)
-    result.update(sampler.window(epoch_start, time.time()))
-    result["t3_step"] = timings.summary("t3_step", t_start, t_end)
-    result["t3_prefill"] = timings.summary("t3_prefill", t_start, t_end)
-    result["s3gen"] = timings.summary("s3gen", t_start, t_end)
-    scheduler = getattr(engine, "_scheduler", None)
-    if scheduler is not None:
-        result["lanes"] = {
-            name: {
-                "batches": st.batches,
-                "chunks": st.chunks,
-                "late_chunks": st.late_chunks,
-                "busy_seconds": round(st.busy_seconds, 2),
-                "mean_batch": round(st.chunks / max(1, st.batches), 2),
+        for calls in timings.calls.values():
+            calls.clear()
+        t3_marks.clear()
+        result: dict = {"streams": streams, "first_chunk_size": first_chunk}
+        records: list[dict] = []
+        rate = SAMPLE_RATE * 4
+
+        async def speak(k: int, deadline: float) -> None:
+            await asyncio.sleep(k / streams)
+            r = 0
+            while time.perf_counter() < deadline:
+                text = AGENT_SENTENCES[(k + r) % len(AGENT_SENTENCES)]
+                r += 1
+
+                async def one(text=text):
+                    yield text
+
+                t0 = time.perf_counter()
+                arrivals = []
+                params = SynthesisParams(seed=k * 1000 + r)
+                async for audio in engine.synthesize(one(), params, None):
+                    if len(audio):
+                        arrivals.append((time.perf_counter(), len(audio) * 4))
+                end = time.perf_counter()
+                samples = sum(n for _, n in arrivals) / 4
+                records.append(
+                    {
+                        "stream": k,
+                        "t": t0,
+                        "ttfa_ms": 1000 * (arrivals[0][0] - t0) if arrivals else None,
+                        "audio_s": samples / SAMPLE_RATE,
+                        "rtf": (end - t0) / (samples / SAMPLE_RATE) if samples else None,
+                        "chunks": len(arrivals),
+                        **continuity(arrivals, rate),
+                    }
+                )
+
+        # warm-up: one utterance per stream at this concurrency (records new batch shapes)
+        await asyncio.gather(*(speak(k, time.perf_counter() + 1.5) for k in range(streams)))
+        records.clear()
+        sampler = GpuSampler(200).start()
+        t_start = time.perf_counter()
+        epoch_start = time.time()
+        deadline = t_start + args.seconds
+        load = asyncio.gather(*(speak(k, deadline) for k in range(streams)))
+        prof_window = None
+        if args.profile_seconds > 0:
+            await asyncio.sleep(max(0.0, (args.seconds - args.profile_seconds) / 2))
+            from torch.profiler import ProfilerActivity, profile
+
+            cuda = args.device.startswith("cuda")
+            prof = profile(
+                activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            )
+            prof.start()
+            p0 = time.perf_counter()
+            await asyncio.sleep(args.profile_seconds)
+            # No torch.cuda.synchronize(): the S3Gen thread may be recording a CUDA graph, and a
+            # device-wide sync during a capture is an error; stop() collects what has finished.
+            prof.stop()
+            prof_window = (p0, time.perf_counter())
+        await load
+        t_end = time.perf_counter()
+        sampler.stop()
+        measured = [r for r in records if r["ttfa_ms"] is not None and r["t"] >= t_start]
+        gaps = [r["longest_gap_s"] for r in measured]
+        result["utterances"] = len(measured)
+        result["gap_free_share"] = (
+            round(sum(r["gap_free"] for r in measured) / len(measured), 3) if measured else None
+        )
+        result["longest_gap_p95_s"] = pct(gaps, 95)
+        result["longest_gap_max_s"] = round(max(gaps), 2) if gaps else None
+        result["ttfa_p50_ms"] = pct([r["ttfa_ms"] for r in measured], 50)
+        result["ttfa_p95_ms"] = pct([r["ttfa_ms"] for r in measured], 95)
+        result["rtf_p50"] = pct([r["rtf"] for r in measured if r["rtf"]], 50)
+        result["audio_s_per_s"] = round(sum(r["audio_s"] for r in measured) / (t_end - t_start), 2)
+        result["chunks_per_utterance"] = pct([r["chunks"] for r in measured], 50)
+        result.update(sampler.window(epoch_start, time.time()))
+        result["t3_step"] = timings.summary("t3_step", t_start, t_end)
+        result["t3_prefill"] = timings.summary("t3_prefill", t_start, t_end)
+        result["s3gen"] = timings.summary("s3gen", t_start, t_end)
+        result["s3gen_fast"] = timings.summary("s3gen_fast", t_start, t_end)
+        scheduler = getattr(engine, "_scheduler", None)
+        if scheduler is not None:
+            result["lanes"] = {
+                name: {
+                    "batches": st.batches,
+                    "chunks": st.chunks,
+                    "late_chunks": st.late_chunks,
+                    "busy_seconds": round(st.busy_seconds, 2),
+                    "mean_batch": round(st.chunks / max(1, st.batches), 2),
+                }
+                for name, st in scheduler.lanes.items()
             }
-            for name, st in scheduler.lanes.items()
+            result["capacity"] = engine.info.capacity
+            result["calibration"] = engine.calibration
+        if prof_window is not None:
+            result["profile_window"] = {
+                "t3_step": timings.summary("t3_step", *prof_window),
+                "s3gen": timings.summary("s3gen", *prof_window),
+                "s3gen_fast": timings.summary("s3gen_fast", *prof_window),
+            }
+            result.update(summarize_profile(prof, cuda))
+        marks = [m for m in t3_marks.values() if m[0] >= t_start and m[2] is not None]
+        result["t3_first_chunk_ms"] = {
+            "queued_to_first_token_p50": pct([1000 * (m[1] - m[0]) for m in marks], 50),
+            "queued_to_first_token_p95": pct([1000 * (m[1] - m[0]) for m in marks], 95),
+            "first_to_tenth_token_p50": pct([1000 * (m[2] - m[1]) for m in marks], 50),
+            "first_to_tenth_token_p95": pct([1000 * (m[2] - m[1]) for m in marks], 95),
         }
-        result["capacity"] = engine.info.capacity
-        result["calibration"] = engine.calibration
-    if prof_window is not None:
-        result["profile_window"] = {
-            "t3_step": timings.summary("t3_step", *prof_window),
-            "s3gen": timings.summary("s3gen", *prof_window),
-        }
-        result.update(summarize_profile(prof, cuda))
-    result["raw"] = measured
+        result["raw"] = measured
+        return result
+
+    result["levels"] = []
+    for variant in args.variants.split(","):
+        first, streams = (int(x) for x in variant.split(":"))
+        level = await measure(streams, first)
+        result["levels"].append(level)
+        brief = {k: v for k, v in level.items() if k not in ("raw", "op_table", "trace")}
+        print(json.dumps(brief), flush=True)
     await engine.close()
     return result
 
@@ -295,7 +348,11 @@ async def run(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", default="/tmp/cbx-bench")
-    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument(
+        "--variants",
+        default="7:16",
+        help="levels, each FIRST_CHUNK:STREAMS, measured one after another on one engine",
+    )
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--profile-seconds", type=float, default=3)
     parser.add_argument("--engine-config", default="{}", help="JSON of engine config fields")
@@ -306,10 +363,10 @@ def main() -> None:
     result["command"] = " ".join(sys.argv)
     result["card"] = torch.cuda.get_device_name() if args.device != "cpu" else "cpu"
     Path(args.out).write_text(json.dumps(result, indent=1))
-    brief = {k: v for k, v in result.items() if k not in ("raw", "op_table", "trace")}
-    print(json.dumps(brief, indent=1))
-    if "trace" in result:
-        print(json.dumps(result["trace"], indent=1)[:4000])
+    print(json.dumps({k: v for k, v in result.items() if k != "levels"}, indent=1))
+    for level in result["levels"]:
+        if "trace" in level:
+            print(json.dumps(level["trace"], indent=1)[:4000])
 
 
 if __name__ == "__main__":

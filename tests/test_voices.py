@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
+import time
 
 import numpy as np
 import pytest
 import soundfile as sf
+from chatterbox_sidecar import voices as voices_module
 from chatterbox_sidecar.voices import VoiceError, VoiceStore, validate_reference_wav
 
 
@@ -90,7 +93,7 @@ async def test_prepare_sees_the_staged_voice_and_its_artifacts_are_committed(tmp
     assert voice.artifact_path("conds.pt").read_bytes() == b"conditionals"
 
 
-async def test_recovery_after_crashes_at_each_step(tmp_path):
+async def test_recovery_after_crashes_at_each_step(tmp_path, monkeypatch):
     store = VoiceStore(tmp_path)
     audio = validate_reference_wav(_wav(4.0))
     await store.register("kept", audio)
@@ -106,6 +109,9 @@ async def test_recovery_after_crashes_at_each_step(tmp_path):
     # crash after a completed replace, before the old copy was removed
     (tmp_path / ".trash" / "replaced-kept-ghi").mkdir()
 
+    # The next start comes after STALE_WRITE_SECONDS: these are a crash's leftovers.
+    later = time.time() + voices_module.STALE_WRITE_SECONDS + 1
+    monkeypatch.setattr(voices_module.time, "time", lambda: later)
     recovered = VoiceStore(tmp_path)
     assert [v.voice_id for v in recovered.list()] == ["kept", "swapped"]
     assert recovered.get("swapped").reference_path.read_bytes() == audio.data
@@ -122,3 +128,33 @@ def test_unreadable_metadata_is_not_listed(tmp_path):
     (tmp_path / "not a voice").mkdir()
     assert store.list() == []
     assert store.get("../etc") is None
+
+
+async def test_a_sidecar_starting_on_a_shared_folder_leaves_writes_in_progress_alone(tmp_path):
+    """Fleet sidecars share the voices folder: one starting up must not undo another's write."""
+    writer = VoiceStore(tmp_path)
+    audio = validate_reference_wav(_wav(4.0))
+    await writer.register("swapped", audio)
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_prepare(voice):  # the engine computing conds.pt while the write is staged
+        started.set()
+        await release.wait()
+
+    new_audio = validate_reference_wav(_wav(5.0))
+    task = asyncio.create_task(writer.register("fresh", new_audio, prepare=slow_prepare))
+    await started.wait()
+    # Another sidecar's replace, caught between moving the old copy aside and the new one in.
+    os.rename(tmp_path / "swapped", tmp_path / ".trash" / "replaced-swapped-abc")
+    staged = list((tmp_path / ".staging").iterdir())
+    assert len(staged) == 1
+
+    VoiceStore(tmp_path)  # a second sidecar starts on the same folder now
+
+    assert staged[0].is_dir()  # the staged registration is still there
+    assert not (tmp_path / "swapped").exists()  # and the replaced copy was not put back
+    release.set()
+    voice = await task
+    assert voice.voice_id == "fresh"
+    assert VoiceStore(tmp_path).get("fresh").reference_path.read_bytes() == new_audio.data

@@ -9,6 +9,12 @@ sidecar answers ``started``, raw ``pcm_s16le`` audio at the pipeline's output ra
 at a third of the sidecar's idle timeout (at most every 20 s), so an idle call is never
 closed under it.
 
+Across a fleet (several sidecars behind one load balancer URL): when the connection goes away
+mid-call, Pipecat's reconnect opens a new one through the same URL, each context the old one
+carried is reported lost once (a non-fatal ``ErrorFrame``) and the next turn is spoken. A
+``busy`` refusal (HTTP 503 on the upgrade, or ``busy`` for a new context) is retried with
+exponential backoff and jitter within the service's ``busy_retry_*`` bounds.
+
 Word timestamps (on by default): each context asks for ``word_timestamps`` and the sidecar's
 ``timestamps`` messages go to Pipecat's word-timestamp machinery, which releases each word as a
 ``TTSTextFrame`` when playback reaches it; an interrupted turn's assistant message then holds
@@ -20,6 +26,7 @@ word timings do.
 
 import asyncio
 import json
+import time
 from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -38,7 +45,9 @@ from websockets.exceptions import InvalidStatus
 from websockets.protocol import State
 
 from pipecat_chatterbox import voices
+from pipecat_chatterbox.client import ConnectionLostError
 from pipecat_chatterbox.errors import UNAUTHORIZED, SidecarError, auth_headers, category_for_code
+from pipecat_chatterbox.retry import BusyBackoff, retryable_refusal
 
 DEFAULT_URL = voices.DEFAULT_URL
 
@@ -56,6 +65,29 @@ _ENDED_MEMORY = 64
 KEEPALIVE_FRACTION = 1 / 3
 # ... and at least this often (seconds), which is also the interval before ``ready`` says.
 KEEPALIVE_MAX_INTERVAL = 20.0
+
+# While a turn waits for capacity, its audio context is kept alive at least this often (seconds),
+# under the 3 s after which Pipecat ends a context that receives nothing.
+_CONTEXT_REFRESH_INTERVAL = 1.0
+
+
+@dataclass
+class _BusyContext:
+    """A context the sidecar refused with ``busy``, to be sent again.
+
+    Parameters:
+        backoff: Its retry budget, kept across refusals.
+        text: All its text so far.
+        flushed: Whether its text is complete (a flush is due after it).
+        waiting: True until the text has been sent again.
+        task: The task that sends it again.
+    """
+
+    backoff: BusyBackoff
+    text: str = ""
+    flushed: bool = False
+    waiting: bool = True
+    task: asyncio.Task | None = None
 
 
 @dataclass
@@ -90,6 +122,16 @@ class ChatterboxTTSService(WebsocketTTSService):
     so an 8 kHz phone pipeline gets 8 kHz audio with no resampling in the plugin.
     ``TTSUpdateSettingsFrame(delta=ChatterboxTTSService.Settings(...))`` changes the voice or
     the style at run time; the next sentence goes to a new sidecar context that uses it.
+
+    Behind a load balancer (``deploy/haproxy``), ``url`` is the balancer's. A lost connection
+    (a sidecar died or drained) is reconnected through it by Pipecat's reconnect
+    (``reconnect_backoff_*``); each turn it cut short is reported once, as a non-fatal
+    ``ErrorFrame`` (``ErrorCategory.CONNECTIVITY``), and the next turn is spoken. A ``busy``
+    refusal is retried: on the upgrade (503, the fleet is full) the turn's text waits; for a new
+    context (its sidecar filled up) the context's text is sent again, on a new connection when
+    nothing else uses the old one, so that the balancer can place it on a sidecar with room.
+    Past the ``busy_retry_*`` bounds the turn is reported once (``ErrorCategory.RATE_LIMIT``)
+    and the service stays usable.
     """
 
     Settings = ChatterboxTTSSettings
@@ -103,6 +145,10 @@ class ChatterboxTTSService(WebsocketTTSService):
         sample_rate: int | None = None,
         seed: int | None = None,
         voice_request_timeout: float = 30.0,
+        busy_retry_attempts: int = 10,
+        busy_retry_timeout: float = 15.0,
+        busy_retry_min_wait: float = 0.25,
+        busy_retry_max_wait: float = 2.0,
         word_timestamps: bool = True,
         settings: Settings | None = None,
         text_aggregation_mode: TextAggregationMode | None = None,
@@ -119,6 +165,12 @@ class ChatterboxTTSService(WebsocketTTSService):
             seed: Optional sampling seed sent with every request (used by the GPU engine).
             voice_request_timeout: Seconds that ``register_voice`` and friends wait for
                 the sidecar's reply.
+            busy_retry_attempts: Retries of a turn refused with ``busy`` (or ``not_ready``)
+                before it is reported; 0 reports the first refusal.
+            busy_retry_timeout: Longest a turn waits for capacity, in seconds.
+            busy_retry_min_wait: First wait before a retry, in seconds; each next one doubles,
+                drawn between half and all of it (jitter).
+            busy_retry_max_wait: Longest wait between two retries, in seconds.
             word_timestamps: Ask the sidecar when each word is spoken, so that the
                 conversation keeps only the words heard before an interruption. False: one
                 ``TTSTextFrame`` per sentence, pushed as its audio starts.
@@ -172,7 +224,7 @@ class ChatterboxTTSService(WebsocketTTSService):
         self._delivering_context_id: str | None = None
         # A trailing odd byte of a binary frame, completed by the next frame.
         self._pending_byte = b""
-        # Contexts with text sent on this connection and not ended: the last text sent.
+        # Contexts with text sent on this connection and not ended: all the text sent.
         self._open_contexts: dict[str, str] = {}
         self._ended_contexts: deque[str] = deque(maxlen=_ENDED_MEMORY)
         # Voice requests awaiting their replies.
@@ -182,9 +234,20 @@ class ChatterboxTTSService(WebsocketTTSService):
         self._failed_contexts: deque[str] = deque(maxlen=_ENDED_MEMORY)
         # False once the sidecar has answered ``keepalive`` with ``unknown_type``.
         self._keepalive_supported = True
-        # Word timestamps: text sent for contexts not ``started`` yet, and the contexts whose
-        # ``started`` said the sidecar sends no timings, with the audio seconds received.
-        self._text_before_start: dict[str, list[str]] = {}
+        self._busy_retry = (
+            busy_retry_attempts,
+            busy_retry_timeout,
+            busy_retry_min_wait,
+            busy_retry_max_wait,
+        )
+        # Contexts refused with ``busy`` that will be sent again.
+        self._busy_contexts: dict[str, _BusyContext] = {}
+        # Open contexts whose flush has been sent.
+        self._flushed_contexts: set[str] = set()
+        # One connect (or replacement of the connection) at a time.
+        self._connect_lock = asyncio.Lock()
+        # Contexts whose ``started`` said the sidecar sends no word timings: the audio seconds
+        # received for each.
         self._untimed_audio_s: dict[str, float] = {}
 
     def can_generate_metrics(self) -> bool:
@@ -215,35 +278,57 @@ class ChatterboxTTSService(WebsocketTTSService):
             setup: Configuration object containing setup parameters.
         """
         await super().setup(setup)
-        await self._connect()
+        # A full fleet must not hold up the pipeline's start: the first text connects again.
+        await self._connect(wait_for_capacity=False)
 
-    async def _connect(self):
-        """Connect the websocket and start the receive task."""
+    async def _connect(
+        self,
+        *,
+        replace_if_idle: bool = False,
+        wait_for_capacity: bool = True,
+        busy_backoff: BusyBackoff | None = None,
+    ):
+        """Connect the websocket and start the receive task.
+
+        Args:
+            replace_if_idle: Close the open connection and open another, if no context and
+                no voice request is open on it.
+            wait_for_capacity: Retry a ``busy`` refusal (see ``_connect_websocket``).
+            busy_backoff: The retry budget to use; a new one if None.
+        """
         await super()._connect()
 
-        if not self._is_connected():
-            # A receive task of a connection that closed is replaced with the new one's.
-            if self._receive_task:
-                await self.cancel_task(self._receive_task)
-                self._receive_task = None
-            if self._websocket is not None:
-                # Lost before the receive task noticed: end what that connection carried,
-                # as a reconnect from the receive task would.
-                await self._close_connection_contexts()
-                await self._disconnect_websocket()
+        async with self._connect_lock:
+            replace = replace_if_idle and not (self._open_contexts or self._voice_requests)
+            if replace or not self._is_connected():
+                # A receive task of a connection that closed is replaced with the new one's.
+                if self._receive_task:
+                    await self.cancel_task(self._receive_task)
+                    self._receive_task = None
+                if self._websocket is not None:
+                    if not replace:
+                        # Lost before the receive task noticed: end what that connection
+                        # carried, as a reconnect from the receive task would.
+                        await self._report_lost_contexts()
+                        await self._close_connection_contexts()
+                    await self._disconnect_websocket()
 
-        await self._connect_websocket()
-
-        if self._websocket and not self._receive_task:
-            self._receive_task = self.create_task(
-                self._receive_task_handler(self._report_error), name="receive"
+            await self._connect_websocket(
+                busy_backoff=busy_backoff, wait_for_capacity=wait_for_capacity
             )
-        if self._websocket and self._keepalive_supported:
-            # Replaced by one at the sidecar's own pace when its ``ready`` arrives.
-            self._create_keepalive_task(self._keepalive_interval())
+
+            if self._websocket and not self._receive_task:
+                self._receive_task = self.create_task(
+                    self._receive_task_handler(self._report_error), name="receive"
+                )
+            if self._websocket and self._keepalive_supported:
+                # Replaced by one at the sidecar's own pace when its ``ready`` arrives.
+                self._create_keepalive_task(self._keepalive_interval())
 
     async def _disconnect(self):
-        """Stop the receive and keepalive tasks and close the websocket."""
+        """Stop the retry, receive and keepalive tasks and close the websocket."""
+        # First, so that no retry connects again meanwhile.
+        await self._cancel_busy_retries()
         await super()._disconnect()
 
         await self._cancel_keepalive_task()
@@ -252,6 +337,52 @@ class ChatterboxTTSService(WebsocketTTSService):
             self._receive_task = None
 
         await self._disconnect_websocket()
+
+    async def _reconnect_websocket(self, attempt_number: int) -> bool:
+        """Report the turns the lost connection cut short, then reconnect (Pipecat's reconnect).
+
+        Args:
+            attempt_number: The reconnect attempt, from 1.
+
+        Returns:
+            True once reconnected.
+        """
+        await self._report_lost_contexts()
+        return await super()._reconnect_websocket(attempt_number)
+
+    async def _report_lost_contexts(self):
+        """Report, once each, the contexts that a connection going away cut short.
+
+        The sidecar does not resume a context on another connection, so the rest of each is
+        lost; Pipecat then ends them (audio already received still plays) and moves a turn in
+        progress to a new context, so the rest of that turn is spoken. Each is reported as a
+        non-fatal error and is not also counted as a context that completed without audio.
+        """
+        lost = [c for c in self._open_contexts if self.audio_context_available(c)]
+        lost += [
+            c for c in self._busy_contexts if c not in lost and self.audio_context_available(c)
+        ]
+        for context_id in lost:
+            self._mark_ended(context_id)
+            self._failed_contexts.append(context_id)
+            error = ConnectionLostError(
+                "connection_closed",
+                f"the connection to the sidecar at {self._url} closed before context "
+                f"{context_id} was spoken to its end",
+                context_id,
+            )
+            await self.push_error(
+                error_msg=f"{self}: {error.message}",
+                exception=error,
+                category=ErrorCategory.CONNECTIVITY,
+            )
+
+    async def _cancel_busy_retries(self):
+        """Stop retrying every context refused with ``busy``."""
+        while self._busy_contexts:
+            _, busy = self._busy_contexts.popitem()
+            if busy.task:
+                await self.cancel_task(busy.task)
 
     def _keepalive_interval(self) -> float:
         """Returns: seconds between keepalives, from the sidecar's idle timeout if known."""
@@ -271,43 +402,92 @@ class ChatterboxTTSService(WebsocketTTSService):
         """Send ``keepalive``: the sidecar counts it as activity and does not answer it."""
         await self._send_json({"type": "keepalive"})
 
-    async def _connect_websocket(self):
-        """Open the websocket, reporting a refused key as a permanent error."""
-        try:
-            if self._websocket and self._websocket.state is State.OPEN:
+    async def _connect_websocket(
+        self, *, busy_backoff: BusyBackoff | None = None, wait_for_capacity: bool = True
+    ):
+        """Open the websocket, reporting a refused key as a permanent error.
+
+        An upgrade refused with 503 (``busy``: every sidecar behind the balancer is full, or
+        this one is draining or at its connection limit; ``not_ready``: still loading) is
+        tried again after a backoff, within ``busy_backoff``'s budget.
+
+        Args:
+            busy_backoff: The retry budget; a new one from the ``busy_retry_*`` settings if None.
+            wait_for_capacity: False to try once and, if refused as busy, only log it: the
+                next text connects again.
+        """
+        if self._websocket and self._websocket.state is State.OPEN:
+            return
+        backoff = busy_backoff or self._new_busy_backoff()
+        while True:
+            try:
+                logger.debug(f"{self}: connecting to {self._url}")
+                self._websocket = await self._websocket_connect(
+                    self._url,
+                    additional_headers=auth_headers(self._api_key),
+                    compression=None,
+                )
+            except InvalidStatus as e:
+                self._websocket = None
+                refusal = retryable_refusal(e)
+                if refusal is not None and not wait_for_capacity:
+                    logger.warning(f"{self}: {self._url} has no capacity now: {refusal.message}")
+                    return
+                wait = backoff.next_wait() if refusal is not None else None
+                if wait is not None:
+                    logger.info(
+                        f"{self}: {self._url} refused the connection [{refusal.code}]: "
+                        f"{refusal.message}; retry {backoff.retries} in {wait:.2f} s"
+                    )
+                    await self._wait_keeping_contexts(wait)
+                    continue
+                await self._report_refusal(e, refusal, backoff.retries)
                 return
-            logger.debug(f"{self}: connecting to {self._url}")
-            self._websocket = await self._websocket_connect(
-                self._url,
-                additional_headers=auth_headers(self._api_key),
-                compression=None,
-            )
+            except Exception as e:
+                message = f"{self}: cannot connect to the sidecar at {self._url}: {e}"
+                self._websocket = None
+                await self.push_error(
+                    error_msg=message, exception=e, category=ErrorCategory.CONNECTIVITY
+                )
+                await self._call_event_handler("on_connection_error", message)
+                return
             await self._call_event_handler("on_connected")
-        except InvalidStatus as e:
-            status = e.response.status_code
-            if status in (401, 403):
-                message = (
-                    f"{self}: the sidecar at {self._url} refused the API key (HTTP {status}); "
-                    "pass the sidecar's TTS_API_KEY as api_key"
-                )
-                error = SidecarError(UNAUTHORIZED, message)
-                category = ErrorCategory.AUTHENTICATION
-            else:
-                message = (
-                    f"{self}: the sidecar at {self._url} refused the connection (HTTP {status})"
-                )
-                error = e
-                category = classify_http_status_code(status)
-            self._websocket = None
-            await self.push_error(error_msg=message, exception=error, category=category)
-            await self._call_event_handler("on_connection_error", message)
-        except Exception as e:
-            message = f"{self}: cannot connect to the sidecar at {self._url}: {e}"
-            self._websocket = None
-            await self.push_error(
-                error_msg=message, exception=e, category=ErrorCategory.CONNECTIVITY
+            return
+
+    def _new_busy_backoff(self) -> BusyBackoff:
+        return BusyBackoff(*self._busy_retry)
+
+    async def _wait_keeping_contexts(self, seconds: float):
+        """Sleep, keeping the open audio contexts from ending for want of audio meanwhile."""
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            for context_id in self.get_audio_contexts():
+                self._refresh_audio_context(context_id)
+            await asyncio.sleep(min(remaining, _CONTEXT_REFRESH_INTERVAL))
+
+    async def _report_refusal(self, e: InvalidStatus, refusal: SidecarError | None, retries: int):
+        """Report an upgrade the sidecar (or the balancer) refused, past any retries."""
+        status = e.response.status_code
+        if refusal is not None:
+            message = (
+                f"{self}: the sidecar at {self._url} has no capacity "
+                f"({retries} retries): [{refusal.code}] {refusal.message}"
             )
-            await self._call_event_handler("on_connection_error", message)
+            error: Exception = refusal
+            category = category_for_code(refusal.code)
+        elif status in (401, 403):
+            message = (
+                f"{self}: the sidecar at {self._url} refused the API key (HTTP {status}); "
+                "pass the sidecar's TTS_API_KEY as api_key"
+            )
+            error = SidecarError(UNAUTHORIZED, message)
+            category = ErrorCategory.AUTHENTICATION
+        else:
+            message = f"{self}: the sidecar at {self._url} refused the connection (HTTP {status})"
+            error = e
+            category = classify_http_status_code(status)
+        await self.push_error(error_msg=message, exception=error, category=category)
+        await self._call_event_handler("on_connection_error", message)
 
     async def _disconnect_websocket(self):
         """Close the websocket and forget this connection's contexts."""
@@ -329,6 +509,7 @@ class ChatterboxTTSService(WebsocketTTSService):
         self._pending_byte = b""
         self._ended_contexts.extend(self._open_contexts)
         self._open_contexts.clear()
+        self._flushed_contexts.clear()
         while self._voice_requests:
             _, future = self._voice_requests.pop(0)
             if not future.done():
@@ -428,7 +609,8 @@ class ChatterboxTTSService(WebsocketTTSService):
         The sidecar concatenates a context's pieces verbatim. Tokens carry their own
         spacing; whole sentences do not, so a space is put between two of them.
         """
-        previous = self._open_contexts.get(context_id)
+        busy = self._busy_contexts.get(context_id)
+        previous = busy.text if busy and busy.waiting else self._open_contexts.get(context_id)
         if (
             previous
             and not self._is_streaming_tokens
@@ -452,11 +634,19 @@ class ChatterboxTTSService(WebsocketTTSService):
         Yields:
             Frame: None once the text is sent, or an error and a stop frame on failure.
         """
+        busy = self._busy_contexts.get(context_id)
+        if busy and busy.waiting:
+            # Refused with ``busy``: the text waits for the retry, which sends all of it.
+            busy.text += self._piece_for_context(text, context_id)
+            yield None
+            return
+
         if not self._is_connected():
             await self._connect()
         if not self._is_connected():
-            # _connect_websocket has reported why.
+            # _connect_websocket has reported why; not also counted as a context without audio.
             self._mark_ended(context_id)
+            self._failed_contexts.append(context_id)
             yield TTSStoppedFrame(context_id=context_id)
             await self.remove_audio_context(context_id)
             return
@@ -471,7 +661,7 @@ class ChatterboxTTSService(WebsocketTTSService):
         piece = self._piece_for_context(text, context_id)
         # Marked open before sending: an interruption that cancels this send must still
         # cancel whatever part of the text reached the sidecar.
-        self._open_contexts[context_id] = piece
+        self._open_contexts[context_id] = self._open_contexts.get(context_id, "") + piece
         try:
             await self._send_json(self._build_synthesize_msg(piece, context_id))
         except Exception as e:
@@ -494,9 +684,14 @@ class ChatterboxTTSService(WebsocketTTSService):
         flush_id = context_id or self.get_active_audio_context_id()
         if not flush_id or flush_id in self._ended_contexts:
             return
+        busy = self._busy_contexts.get(flush_id)
+        if busy and busy.waiting:
+            busy.flushed = True  # sent after the retried text
+            return
         if flush_id in self._open_contexts and self._is_connected():
             try:
                 await self._send_json({"type": "flush", "context_id": flush_id})
+                self._flushed_contexts.add(flush_id)
                 return
             except Exception as e:
                 logger.warning(f"{self}: flushing context {flush_id} failed: {e}")
@@ -522,7 +717,9 @@ class ChatterboxTTSService(WebsocketTTSService):
 
     def _mark_ended(self, context_id: str):
         self._open_contexts.pop(context_id, None)
-        self._text_before_start.pop(context_id, None)
+        self._flushed_contexts.discard(context_id)
+        # A retry waiting for it finds it gone and stops.
+        self._busy_contexts.pop(context_id, None)
         self._untimed_audio_s.pop(context_id, None)
         if context_id not in self._ended_contexts:
             self._ended_contexts.append(context_id)
@@ -532,16 +729,12 @@ class ChatterboxTTSService(WebsocketTTSService):
     #
 
     async def _note_text_sent(self, piece: str, context_id: str):
-        """Keep a piece sent for a context whose ``started`` has not come, or time it now."""
-        if not self._word_timestamps:
-            return
-        if context_id in self._untimed_audio_s:
+        """Time a piece sent for a context the sidecar does not time (after its ``started``).
+
+        Text sent before ``started`` is timed when it comes.
+        """
+        if self._word_timestamps and context_id in self._untimed_audio_s:
             await self._time_untimed_words(piece, context_id)
-            return
-        if len(self._text_before_start) > _ENDED_MEMORY:  # contexts a lost connection carried
-            for stale in [c for c in self._text_before_start if c in self._ended_contexts]:
-                del self._text_before_start[stale]
-        self._text_before_start.setdefault(context_id, []).append(piece)
 
     async def _time_untimed_words(self, text: str, context_id: str):
         """Time the words of text the sidecar will not time: at the audio received so far.
@@ -557,7 +750,6 @@ class ChatterboxTTSService(WebsocketTTSService):
 
     async def _handle_started_timestamps(self, msg: dict[str, Any], context_id: str):
         """Note whether the sidecar times this context's words; if not, time the text sent."""
-        sent = self._text_before_start.pop(context_id, [])
         if not self._word_timestamps or msg.get("word_timestamps") is True:
             return
         if context_id not in self._untimed_audio_s:
@@ -570,7 +762,7 @@ class ChatterboxTTSService(WebsocketTTSService):
             for stale in [c for c in self._untimed_audio_s if c in self._ended_contexts]:
                 del self._untimed_audio_s[stale]
         self._untimed_audio_s[context_id] = 0.0
-        await self._time_untimed_words("".join(sent), context_id)
+        await self._time_untimed_words(self._open_contexts.get(context_id, ""), context_id)
 
     async def _handle_timestamps(self, msg: dict[str, Any], context_id: str | None):
         """Hand the sidecar's word timings to Pipecat, which releases each word in time."""
@@ -696,6 +888,8 @@ class ChatterboxTTSService(WebsocketTTSService):
             # An error with no context answers a voice request (it echoes the voice id).
             self._answer_voice_request(msg, error)
             return
+        if context_id is not None and error.code == "busy" and self._defer_busy_context(error):
+            return
         if context_id is not None:
             if context_id == self._delivering_context_id:
                 self._delivering_context_id = None
@@ -715,6 +909,86 @@ class ChatterboxTTSService(WebsocketTTSService):
                 # The rest of the turn opens a new sidecar context.
                 self._turn_context_id = None
                 self._turn_context_id = self.create_context_id()
+
+    def _defer_busy_context(self, error: SidecarError) -> bool:
+        """Arrange to send a context that the sidecar refused with ``busy`` again.
+
+        The sidecar refuses a new context when it is at capacity (or the connection holds
+        its share), before any of it is spoken, so sending all of its text again later loses
+        nothing.
+
+        Returns:
+            True if it will be sent again (or already waits to be); False to report it.
+        """
+        context_id = error.context_id
+        busy = self._busy_contexts.get(context_id)
+        if busy and busy.waiting:
+            return True  # a later piece of its text, refused like the first
+        text = self._open_contexts.get(context_id)
+        if text is None or not self.audio_context_available(context_id):
+            return False
+        if busy is None:
+            busy = self._busy_contexts[context_id] = _BusyContext(self._new_busy_backoff())
+        wait = busy.backoff.next_wait()
+        if wait is None:
+            logger.warning(
+                f"{self}: context {context_id} still busy after {busy.backoff.retries} retries"
+            )
+            del self._busy_contexts[context_id]
+            return False
+        # No longer open on the sidecar: its further text and its flush wait for the retry.
+        busy.text = text
+        busy.flushed = context_id in self._flushed_contexts
+        busy.waiting = True
+        del self._open_contexts[context_id]
+        self._flushed_contexts.discard(context_id)
+        logger.info(
+            f"{self}: context {context_id} refused [busy]: {error.message}; "
+            f"retry {busy.backoff.retries} in {wait:.2f} s"
+        )
+        busy.task = self.create_task(
+            self._resend_busy_context(context_id, busy, wait), name=f"busy-{context_id}"
+        )
+        return True
+
+    async def _resend_busy_context(self, context_id: str, busy: _BusyContext, wait: float):
+        """Send a context refused with ``busy`` again after ``wait`` seconds.
+
+        If nothing else uses the connection, the text goes on a new one, so that a load
+        balancer can place it on a sidecar with room (the one that refused it is full).
+        """
+        await self._wait_keeping_contexts(wait)
+        if not self._still_busy(context_id, busy):
+            return
+        await self._connect(replace_if_idle=True, busy_backoff=busy.backoff)
+        if not self._still_busy(context_id, busy):
+            return
+        if not self._is_connected():
+            # _connect_websocket has reported why (no capacity within the budget, or no
+            # sidecar at all): the context ends.
+            self._mark_ended(context_id)
+            self._failed_contexts.append(context_id)
+            await self._end_audio_context_now(context_id)
+            return
+        busy.waiting = False
+        self._open_contexts[context_id] = busy.text
+        try:
+            await self._send_json(self._build_synthesize_msg(busy.text, context_id))
+            if busy.flushed:
+                await self._send_json({"type": "flush", "context_id": context_id})
+                self._flushed_contexts.add(context_id)
+        except Exception as e:
+            # The receive task sees the connection close and reports the context lost.
+            logger.warning(f"{self}: sending context {context_id} again failed: {e}")
+
+    def _still_busy(self, context_id: str, busy: _BusyContext) -> bool:
+        """Returns: whether a retry is still due (not interrupted, not lost meanwhile)."""
+        if self._busy_contexts.get(context_id) is not busy:
+            return False
+        if not self.audio_context_available(context_id):
+            del self._busy_contexts[context_id]
+            return False
+        return True
 
     @staticmethod
     def _is_keepalive_refusal(error: SidecarError) -> bool:

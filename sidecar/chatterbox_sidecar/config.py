@@ -93,7 +93,7 @@ class SidecarConfig:
     device: str = "auto"
     flow_steps: int = 10
     piper_model: Path | None = None
-    first_chunk_size: int = 7
+    first_chunk_size: int = 12
     reference_seconds: float = 0.0
     compile_flow: bool = False
     max_streams: int = 0
@@ -143,7 +143,7 @@ class SidecarConfig:
             device=r.str("TTS_DEVICE", "auto"),
             flow_steps=r.int("TTS_FLOW_STEPS", 10, 1, 100),
             piper_model=r.path("TTS_PIPER_MODEL", None),
-            first_chunk_size=r.int("TTS_FIRST_CHUNK_SIZE", 7, 7, 500),
+            first_chunk_size=r.int("TTS_FIRST_CHUNK_SIZE", 12, 7, 500),
             reference_seconds=r.float("TTS_REFERENCE_SECONDS", 0.0, 0.0, 10.0),
             compile_flow=r.bool("TTS_COMPILE_FLOW", False),
             max_streams=r.int(

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -45,6 +46,9 @@ MIN_REFERENCE_RATE = 8_000
 MAX_REFERENCE_RATE = 96_000
 REFERENCE_FILE = "reference.wav"
 META_FILE = "meta.json"
+# An unfinished write (staged voice, voice moved aside) older than this is a crash's leftover;
+# a younger one may belong to another sidecar sharing the folder.
+STALE_WRITE_SECONDS = 600.0
 MIN_REFERENCE_SECONDS = 3.0
 MAX_REFERENCE_SECONDS = 30.0
 
@@ -76,6 +80,9 @@ class Voice:
         sample_rate: Sample rate of the reference audio.
         channels: Channel count of the reference audio.
         created_at: ISO 8601 time of registration.
+        revision: Unique per registration (a replaced voice gets a new one, even within the
+            second ``created_at`` counts in): engines key their caches on it, so a sidecar that
+            shares the folder notices a voice another sidecar replaced.
     """
 
     voice_id: str
@@ -84,6 +91,7 @@ class Voice:
     sample_rate: int
     channels: int
     created_at: str
+    revision: str = ""
 
     @property
     def reference_path(self) -> Path:
@@ -259,10 +267,25 @@ class VoiceStore:
         return self._root
 
     def _recover(self) -> None:
+        # Sidecars of a fleet may share this folder: an entry younger than STALE_WRITE_SECONDS
+        # may be another sidecar's registration in progress, so only older ones are cleaned up.
+        now = time.time()
+
+        def stale(entry: Path) -> bool:
+            try:
+                st = entry.stat()  # ctime: a rename into .trash counts as its last change
+                return now - max(st.st_mtime, st.st_ctime) > STALE_WRITE_SECONDS
+            except FileNotFoundError:  # the other sidecar finished meanwhile
+                return False
+
         for entry in self._staging.iterdir():
+            if not stale(entry):
+                continue
             logger.info(f"Voice store: removing unfinished write {entry.name}")
             shutil.rmtree(entry, ignore_errors=True)
         for entry in self._trash.iterdir():
+            if not stale(entry):
+                continue
             # "replaced-<id>-<uuid>": the old copy of a voice being replaced. If the crash came
             # between moving it aside and moving the new one in, put the old one back.
             kind, _, rest = entry.name.partition("-")
@@ -303,6 +326,8 @@ class VoiceStore:
             sample_rate=int(meta["sample_rate"]),
             channels=int(meta["channels"]),
             created_at=str(meta["created_at"]),
+            # Voices stored before revisions existed: their content hash and time stand in.
+            revision=str(meta.get("revision") or f"{meta.get('sha256', '')}-{meta['created_at']}"),
         )
 
     def list(self) -> list[Voice]:
@@ -378,10 +403,17 @@ class VoiceStore:
             "channels": audio.channels,
             "sha256": hashlib.sha256(audio.data).hexdigest(),
             "created_at": created_at,
+            "revision": uuid.uuid4().hex,
         }
         atomic_write(staged_dir / META_FILE, json.dumps(meta, indent=2).encode())
         return Voice(
-            voice_id, staged_dir, audio.duration_s, audio.sample_rate, audio.channels, created_at
+            voice_id,
+            staged_dir,
+            audio.duration_s,
+            audio.sample_rate,
+            audio.channels,
+            created_at,
+            meta["revision"],
         )
 
     def _commit(self, staged_dir: Path, voice_id: str) -> None:

@@ -10,6 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 from chatterbox_sidecar.engines.chatterbox.conditionals import (
+    VE_TRIM_TOP_DB,
     ConditioningConfig,
     VoiceConditionals,
     cap_reference,
@@ -17,6 +18,7 @@ from chatterbox_sidecar.engines.chatterbox.conditionals import (
     compute_conditionals_from_file,
     read_reference,
     resample,
+    trim_silence,
 )
 
 pytestmark = pytest.mark.torch
@@ -151,3 +153,31 @@ def test_bad_files_are_rejected(tmp_path):
     unsafe.write_bytes(pickle.dumps({"t3": object()}))
     with pytest.raises(Exception):  # noqa: B017 - weights_only refuses arbitrary pickles
         VoiceConditionals.load(unsafe)
+
+
+@pytest.mark.parametrize(
+    "case", ["tone_in_silence", "noise_floor", "all_silent", "short", "loud_edges"]
+)
+def test_trim_silence_matches_librosa(case):
+    librosa = pytest.importorskip("librosa")
+    rng = np.random.default_rng(3)
+    sr = 16_000
+    t = np.arange(sr * 3) / sr
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    if case == "tone_in_silence":
+        wav = np.concatenate([np.zeros(7_001), tone, np.zeros(12_345)]).astype(np.float32)
+    elif case == "noise_floor":  # silence that is quiet noise, 40 dB down
+        floor = (0.003 * rng.standard_normal(9_000)).astype(np.float32)
+        wav = np.concatenate([floor, tone, floor]).astype(np.float32)
+    elif case == "all_silent":
+        wav = np.zeros(20_000, dtype=np.float32)
+    elif case == "short":
+        wav = tone[:700]
+    else:
+        wav = tone
+    want, _ = librosa.effects.trim(wav, top_db=VE_TRIM_TOP_DB)
+    got = trim_silence(wav, VE_TRIM_TOP_DB)
+    assert len(got) == len(want)
+    np.testing.assert_array_equal(got, want)
+    if case == "tone_in_silence":  # and it did cut the silence
+        assert 3 * sr <= len(got) < len(wav) - 15_000

@@ -349,3 +349,66 @@ def test_default_backend_is_torch_on_every_device(tmp_path):
         assert isinstance(eng._make_t3_backend(tmp_path), TorchT3Backend)
     named = ChatterboxEngine(ChatterboxEngineConfig(t3_backend="vllm", device="cuda"))
     assert type(named._make_t3_backend(tmp_path)).__name__ == "VllmT3Backend"
+
+
+async def test_a_voice_registered_on_one_sidecar_speaks_on_another(
+    engine, scripted_model_dir, tmp_path, monkeypatch
+):
+    """Fleet sidecars share the voices folder: a voice is loaded there on first use.
+
+    ``engine`` registers, replaces and deletes the voice; ``other`` (another sidecar's engine,
+    started before the voice existed) speaks it from the shared conds.pt without computing
+    conditionals, follows a replacement made within the same second, and loses a deleted one.
+    """
+    import soundfile as sf
+
+    root = tmp_path / "shared-voices"
+    here, there = VoiceStore(root), VoiceStore(root)
+    other = ChatterboxEngine(engine_config(scripted_model_dir))
+    await other.start()
+    computed = []
+    real_compute = engine_module.compute_conditionals_from_file
+
+    def counting_compute(*args, **kwargs):
+        computed.append(args[0])
+        return real_compute(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "compute_conditionals_from_file", counting_compute)
+    try:
+        first, second = tmp_path / "first.wav", tmp_path / "second.wav"
+        sf.write(first, voice_like(3.5, 16_000, seed=7), 16_000)
+        sf.write(second, voice_like(4.5, 24_000, seed=8), 24_000)
+        registered = await here.register(
+            "carol", validate_reference_wav(first.read_bytes()), prepare=engine.prepare_voice
+        )
+        assert len(computed) == 1  # by the registering sidecar only
+
+        async def speak_there() -> int:
+            voice = there.get("carol")
+            assert voice is not None
+            chunks = await collect(
+                other.synthesize(segments("Hi."), SynthesisParams(streaming=False), voice)
+            )
+            return sum(len(c) for c in chunks)
+
+        assert await speak_there() == expected_tokens("Hi.") * SAMPLES_PER_TOKEN
+        assert len(computed) == 1  # the other sidecar loaded conds.pt
+        torch.testing.assert_close(
+            other._voices["carol"].reference.prompt_feat,
+            engine._voices["carol"].reference.prompt_feat,
+        )
+
+        replaced = await here.register(
+            "carol", validate_reference_wav(second.read_bytes()), prepare=engine.prepare_voice
+        )
+        assert replaced.revision != registered.revision
+        await speak_there()
+        assert len(computed) == 2
+        new_feat = engine._voices["carol"].reference.prompt_feat
+        assert other._voices["carol"].reference.prompt_feat.shape == new_feat.shape
+        torch.testing.assert_close(other._voices["carol"].reference.prompt_feat, new_feat)
+
+        await here.delete("carol")
+        assert there.get("carol") is None
+    finally:
+        await other.close()

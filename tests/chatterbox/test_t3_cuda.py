@@ -95,11 +95,15 @@ def test_cuda_graphs_decode_like_eager(small_dir):
     with torch.inference_mode():
         graphed.capture_graphs()
     assert graphed.graph_keys == [(r, n) for r in (1, 2, 4, 6) for n in range(16, 257, 16)]
-    want, got = run_decoder(eager, reqs), run_decoder(graphed, reqs)
-    for r in reqs:
-        assert [o.token for o in got[r.request_id]] == [o.token for o in want[r.request_id]]
-        for a, b in zip(got[r.request_id], want[r.request_id], strict=True):
-            torch.testing.assert_close(a.logits, b.logits, atol=1e-3, rtol=1e-3)
+    # Prefill graphs: rows up to the slots, prompt lengths in steps of 64 up to the slot length.
+    assert graphed.prefill_graph_keys == [(r, n) for r in (1, 2, 4, 6) for n in (64, 128, 192, 256)]
+    for together in (False, True):  # one request a prefill pass (1-2 rows), then all three (5)
+        want = run_decoder(eager, reqs, prefill_together=together)
+        got = run_decoder(graphed, reqs, prefill_together=together)
+        for r in reqs:
+            assert [o.token for o in got[r.request_id]] == [o.token for o in want[r.request_id]]
+            for a, b in zip(got[r.request_id], want[r.request_id], strict=True):
+                torch.testing.assert_close(a.logits, b.logits, atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("graphs", [False, True])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -467,3 +468,36 @@ def test_text_ids_outside_the_model_are_refused_on_the_host(tmp_path, tokenizer)
     assert not decoder.active_ids
     with pytest.raises(IndexError):  # what the guard keeps from the embedding (on CUDA: assert)
         small.text_emb(torch.tensor([255]))
+
+
+def test_voice_conditioning_is_computed_once_per_voice_and_exaggeration(model, tokenizer):
+    """The perceiver runs once per voice and exaggeration; cached rows give the same tokens."""
+    voice_a, voice_b = make_conds(1), make_conds(2)
+    reqs = [
+        request("a1", conditionals=voice_a, seed=1),
+        request("a2", conditionals=voice_a, seed=2),
+        request("a3", conditionals=voice_a, seed=3, exaggeration=0.9),
+        request("b1", conditionals=voice_b, seed=4),
+        request("a4", conditionals=voice_a, seed=5),
+    ]
+    cached = T3BatchDecoder(model, tokenizer, max_batch_size=5, max_seq_len=256)
+    calls = []
+    original = model.conditioning
+
+    def counting(speaker, prompt, exaggeration):
+        calls.append((id(speaker), exaggeration))
+        return original(speaker, prompt, exaggeration)
+
+    model.conditioning = counting
+    try:
+        got = run_decoder(cached, reqs)
+    finally:
+        del model.conditioning
+    assert sorted(set(calls)) == sorted(calls)  # never twice for the same key
+    assert len(calls) == 3  # voice a at 0.5 and 0.9, voice b at 0.5
+    # Each request alone, on a fresh decoder with fresh copies of its voice: same tokens.
+    for r in reqs:
+        fresh = T3BatchDecoder(model, tokenizer, max_batch_size=1, max_seq_len=256)
+        copy = {k: v.clone() if torch.is_tensor(v) else v for k, v in r.conditionals.items()}
+        alone = run_decoder(fresh, [dataclasses.replace(r, conditionals=copy)])
+        assert [o.token for o in alone[r.request_id]] == [o.token for o in got[r.request_id]]

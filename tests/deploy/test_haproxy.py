@@ -15,6 +15,9 @@ are still served (the connection failure or the sidecar's 503 is retried on anot
 To make "before the next check" certain rather than a race against the interval, those tests
 pause the checks of that one sidecar through HAProxy's runtime API, then resume them to see it
 taken out of rotation.
+
+The last tests run the Pipecat service (``ChatterboxTTSService``) through HAProxy: its sidecar
+killed mid-turn, the whole fleet full, and its sidecar full when a turn starts.
 """
 
 from __future__ import annotations
@@ -31,9 +34,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pipecat.frames.frames import (
+    ErrorFrame,
+    TTSAudioRawFrame,
+    TTSSpeakFrame,
+    TTSStartedFrame,
+    TTSStoppedFrame,
+)
+from pipecat.pipeline.worker import PipelineParams
+from pipecat.utils.errors import ErrorCategory
+from pipecat_chatterbox.client import ConnectionLostError
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from tests.asr import transcribe, word_error_rate
 from tests.client import TTSClient
 from tests.deploy.fleet import (
     API_KEY,
@@ -48,6 +62,8 @@ from tests.deploy.fleet import (
     require_haproxy,
     start_turn,
 )
+from tests.plugin.helpers import LivePipeline, RecordingChatterboxTTSService, audio_of, of_type
+from tests.plugin.test_speech import LONG_REPLY
 
 
 @pytest.fixture
@@ -315,3 +331,141 @@ def test_script_restarts_a_dead_sidecar_and_stops_everything_on_sigterm(fleet_fa
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert "sidecar 0 exited (0)" in fleet.log() and "haproxy exited (0)" in fleet.log()
+
+
+#
+# The Pipecat service through HAProxy
+#
+
+RATE = 16000
+NEXT_TURN = "Sorry about that, I am back and ready to help."
+
+
+def _service(fleet: Fleet) -> tuple[RecordingChatterboxTTSService, LivePipeline, list[str]]:
+    """The Pipecat service pointed at HAProxy, in a pipeline.
+
+    Returns:
+        The service, its pipeline (not started), and the sidecar each of its connections
+        reached, in order (HAProxy's ``X-TTS-Server``).
+    """
+    tts = RecordingChatterboxTTSService(url=fleet.url, api_key=API_KEY)
+    servers: list[str] = []
+
+    @tts.event_handler("on_connected")
+    async def on_connected(service):
+        servers.append(service._websocket.response.headers["X-TTS-Server"])
+
+    return tts, LivePipeline(tts, PipelineParams(audio_out_sample_rate=RATE)), servers
+
+
+def _stop_of(context_id: str):
+    return lambda f: isinstance(f, TTSStoppedFrame) and f.context_id == context_id
+
+
+async def _speak(live: LivePipeline, text: str, timeout: float = 60) -> str:
+    """Speak a TTSSpeakFrame to its end; returns its context id."""
+    known = {f.context_id for f in of_type(live.down, TTSStartedFrame)}
+    await live.send(TTSSpeakFrame(text))
+    started = await live.wait_for(
+        lambda f: isinstance(f, TTSStartedFrame) and f.context_id not in known, timeout
+    )
+    await live.wait_for(_stop_of(started.context_id), timeout)
+    return started.context_id
+
+
+def _assert_spoken(live: LivePipeline, context_id: str, text: str) -> None:
+    heard = transcribe(audio_of(live.down, context_id), RATE)
+    assert word_error_rate(text, heard) <= 0.2, f"asked for {text!r}, heard {heard!r}"
+
+
+async def test_plugin_next_turn_after_its_sidecar_is_killed_is_spoken(fleet_factory):
+    fleet = fleet_factory()
+    tts, live, servers = _service(fleet)
+    await live.start()
+    await async_wait_until(lambda: len(servers) == 1, 10, "the service connected")
+    victim = servers[0]
+    await live.send(TTSSpeakFrame(LONG_REPLY))
+    first = await live.wait_for(lambda f: isinstance(f, TTSAudioRawFrame))
+
+    os.kill(fleet.pid(victim), signal.SIGKILL)
+    # the turn in progress ends where its audio stopped ...
+    await live.wait_for(_stop_of(first.context_id), timeout=10)
+    # ... the service reconnects through HAProxy, which sends it to another sidecar ...
+    await async_wait_until(lambda: len(servers) == 2, 10, "the service reconnected")
+    assert servers[1] != victim, servers
+    # ... and the next turn is spoken.
+    after = await _speak(live, NEXT_TURN)
+    await live.end()
+
+    errors = of_type(live.up, ErrorFrame)
+    assert len(errors) == 1, [e.error for e in errors]  # the cut turn, reported once
+    assert isinstance(errors[0].exception, ConnectionLostError)
+    assert errors[0].exception.context_id == first.context_id
+    assert errors[0].category is ErrorCategory.CONNECTIVITY
+    assert tts.is_usable
+    _assert_spoken(live, after, NEXT_TURN)
+
+
+async def test_plugin_waits_while_the_fleet_is_full_and_speaks_once_capacity_frees(fleet_factory):
+    fleet = fleet_factory(count=2)
+    calls = [await open_call(fleet.url, f"call{i}") for i in range(4)]
+    assert Counter(server for _, server in calls) == {name: 2 for name in fleet.names}
+    await async_wait_until(lambda: _all_down(fleet), 30, f"all DOWN: {fleet.states()}")
+
+    tts, live, servers = _service(fleet)
+    await live.start()  # HAProxy refuses the upgrade (503 busy): logged, the text connects again
+    await live.send(TTSSpeakFrame(NEXT_TURN))
+    started = await live.wait_for(lambda f: isinstance(f, TTSStartedFrame))
+    await asyncio.sleep(1.5)  # refused again and again meanwhile, with backoff
+    assert not servers
+    await _refused_busy(fleet.url)  # still full
+
+    # one call ends its turn: its sidecar has room again, and the waiting turn is spoken there
+    freed_client, freed = calls[0]
+    end = await finish_call(freed_client, "call0")
+    assert end["type"] == "done"
+    await live.wait_for(_stop_of(started.context_id), timeout=30)
+    await live.end()
+
+    assert servers == [freed], servers
+    assert not of_type(live.up, ErrorFrame), [e.error for e in of_type(live.up, ErrorFrame)]
+    _assert_spoken(live, started.context_id, NEXT_TURN)
+    log = (fleet.run_dir / "haproxy.log").read_text(errors="replace")
+    assert len(re.findall(r" 503 [0-9]+ .*\"GET /v1/stream/tts", log)) >= 3  # setup and retries
+    await asyncio.gather(*(client.close() for client, _ in calls))
+
+
+async def test_plugin_turn_refused_by_its_full_sidecar_is_spoken_by_another(fleet_factory):
+    fleet = fleet_factory(count=2)
+    full, other = fleet.names
+    # every connection goes to `full`, which stays in rotation while it fills up
+    fleet.admin(f"disable server sidecars/{other}")
+    assert fleet.admin(f"disable health sidecars/{full}").strip() == ""
+    calls = [await open_call(fleet.url, f"call{i}") for i in range(2)]
+    assert [server for _, server in calls] == [full, full]
+    await async_wait_until(
+        lambda: fleet.health(full)["status"] == "at_capacity", 30, f"{full} at capacity"
+    )
+    tts, live, servers = _service(fleet)
+    await live.start()
+    await async_wait_until(lambda: servers == [full], 10, "the service connected to the full one")
+    # HAProxy learns that `full` is full, and `other` is back
+    fleet.admin(f"enable server sidecars/{other}")
+    fleet.admin(f"enable health sidecars/{full}")
+    await async_wait_until(
+        lambda: fleet.states() == {full: "DOWN", other: "UP"}, 30, f"states {fleet.states()}"
+    )
+
+    # the turn's context is refused (busy) by `full`; the service sends it again on a new
+    # connection, which HAProxy gives to `other`
+    context_id = await _speak(live, NEXT_TURN)
+    await live.end()
+
+    refusals = [m for m in tts.received_of("error") if m.get("context_id") == context_id]
+    assert refusals and refusals[0]["code"] == "busy", tts.received_of("error")
+    assert servers == [full, other], servers
+    assert not of_type(live.up, ErrorFrame), [e.error for e in of_type(live.up, ErrorFrame)]
+    _assert_spoken(live, context_id, NEXT_TURN)
+    ends = await asyncio.gather(*(finish_call(c, f"call{i}") for i, (c, _) in enumerate(calls)))
+    assert [e["type"] for e in ends] == ["done", "done"]
+    await asyncio.gather(*(client.close() for client, _ in calls))

@@ -42,6 +42,8 @@ T3_KEYS = (
     "cond_prompt_speech_emb",
     "emotion_adv",
 )
+# The voice encoder's silence threshold (upstream calls it with librosa's trim at 20 dB).
+VE_TRIM_TOP_DB = 20.0
 GEN_KEYS = ("prompt_token", "prompt_token_len", "prompt_feat", "prompt_feat_len", "embedding")
 
 
@@ -172,6 +174,39 @@ def resample(wav: np.ndarray, src: int, dst: int) -> np.ndarray:
     return soxr.resample(wav, src, dst, quality="HQ").astype(np.float32, copy=False)
 
 
+def trim_silence(
+    wav: np.ndarray, top_db: float, frame_length: int = 2048, hop_length: int = 512
+) -> np.ndarray:
+    """Cut leading and trailing silence as ``librosa.effects.trim`` does (same result).
+
+    Frames (centred, zero-padded) whose mean power is more than ``top_db`` below the loudest
+    frame's are silent; the kept span runs from the first loud frame's start to the last loud
+    frame's end.
+
+    Args:
+        wav: Float32 mono samples.
+        top_db: Threshold below the peak frame power, in dB.
+        frame_length: Samples per analysis frame.
+        hop_length: Samples between frames.
+
+    Returns:
+        The trimmed samples (empty if every frame is silent).
+    """
+    padded = np.pad(wav, frame_length // 2)
+    if len(padded) < frame_length:
+        return wav[:0]
+    frames = np.lib.stride_tricks.sliding_window_view(padded, frame_length)[::hop_length]
+    power = np.mean(np.abs(frames) ** 2, axis=1)
+    amin = 1e-10
+    db = 10 * np.log10(np.maximum(amin, power)) - 10 * np.log10(max(amin, float(power.max())))
+    loud = np.flatnonzero(db > -top_db)
+    if len(loud) == 0:
+        return wav[:0]
+    start = int(loud[0]) * hop_length
+    end = min(len(wav), (int(loud[-1]) + 1) * hop_length)
+    return wav[start:end]
+
+
 @torch.inference_mode()
 def compute_conditionals(
     wav: np.ndarray,
@@ -203,7 +238,12 @@ def compute_conditionals(
     tokens, _ = s3gen.tokenizer.forward([enc16], max_len=config.t3_prompt_tokens)
     tokens = torch.atleast_2d(tokens)[:, : config.t3_prompt_tokens]
 
-    ve = voice_encoder.embeds_from_wavs([wav16], sample_rate=S3_SR)
+    # Trimmed here, not by the encoder's own librosa.effects.trim: importing that pulls in
+    # librosa.feature, whose numba functions compile for ~35 s on first use (the H200 machine,
+    # benchmarks/NOTES.md, issue 13): the first registration of every process would wait.
+    ve = voice_encoder.embeds_from_wavs(
+        [trim_silence(wav16, VE_TRIM_TOP_DB)], sample_rate=S3_SR, trim_top_db=None
+    )
     speaker_emb = torch.from_numpy(np.asarray(ve)).float().mean(dim=0, keepdim=True)
 
     t3 = {

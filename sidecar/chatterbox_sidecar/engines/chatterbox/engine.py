@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -42,6 +43,7 @@ from chatterbox_sidecar.engines.chatterbox.conditionals import (
     ConditioningConfig,
     VoiceConditionals,
     cap_reference,
+    compute_conditionals,
     compute_conditionals_from_file,
 )
 from chatterbox_sidecar.engines.chatterbox.s3gen.stream import (
@@ -142,7 +144,7 @@ class ChatterboxEngineConfig:
     gpu_share: float = 0.15
     chunk_size: int = 25
     max_chunk_size: int = 100
-    first_chunk_size: int = 7
+    first_chunk_size: int = 12
     context_window: int = 50
     flow_steps: int = 10
     streaming_default: bool = True
@@ -184,7 +186,7 @@ class ChatterboxEngineConfig:
 
 @dataclass
 class _CachedVoice:
-    created_at: str
+    revision: str
     conds: VoiceConditionals
     reference: Reference
 
@@ -254,9 +256,15 @@ class ChatterboxEngine(Engine):
         from chatterbox_sidecar.engines.chatterbox.model_files import resolve_model_dir
 
         cfg = self.config
+        # Before librosa (and numba) are imported: compiled numba code outlives the process.
+        os.environ.setdefault(
+            "NUMBA_CACHE_DIR", str(Path.home() / ".cache" / "pipecat-chatterbox" / "numba")
+        )
         try:
             self._model_dir = await asyncio.to_thread(resolve_model_dir, cfg.model_dir)
             await self._in_s3(self._load_s3gen)
+            if cfg.warmup:
+                await self._in_voice_thread(self._warm_up_voice_path)
             if self._t3 is None:
                 self._t3 = self._make_t3_backend(self._model_dir)
             await self._t3.start()
@@ -350,6 +358,22 @@ class ChatterboxEngine(Engine):
             f"{self}: recorded {graphs} S3Gen CUDA graphs in {time.perf_counter() - started:.1f} s"
         )
 
+    def _warm_up_voice_path(self) -> None:
+        """Compute (and discard) the conditionals of a synthetic clip before serving.
+
+        The first computation of a process compiles librosa's numba functions (the voice
+        encoder's STFT): about 30 s on the H200 machine (benchmarks/NOTES.md, issue 13), paid
+        here rather than by the first voice registration. Numba caches the compiled code under
+        ``NUMBA_CACHE_DIR`` (set at start), so later starts on the machine skip most of it.
+        """
+        started = time.perf_counter()
+        t = np.arange(3 * 16_000) / 16_000
+        clip = 0.2 * np.sin(2 * np.pi * 140 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))
+        compute_conditionals(
+            clip.astype(np.float32), 16_000, self._s3gen, self._ve, self._conditioning
+        )
+        logger.info(f"{self}: voice path warmed up in {time.perf_counter() - started:.1f} s")
+
     def _calibrate(self) -> int:
         """Streams this GPU keeps gap-free, from timings taken here at start.
 
@@ -361,7 +385,9 @@ class ChatterboxEngine(Engine):
         The model counts GPU work only; what it leaves out (two lanes and T3 sharing the GPU,
         T3 decoding ahead of need, prefill bursts) is folded into ``gpu_share``, which was set
         from the H200 measurements of issue 12 (one stream gap-free at a modelled 0.12 of the
-        GPU, 16 streams not at 0.23): it gives 4 streams there, a level not yet measured.
+        GPU, 16 streams not at 0.23). It gives 4 streams on an H200, the level measured to meet
+        the issue's 16-stream row there (TTFA p95 232 ms, 100 % gap-free; 8 streams: p95 333
+        ms, BENCHMARKS.md).
         """
         import torch
 
@@ -482,7 +508,7 @@ class ChatterboxEngine(Engine):
             raise EngineError(
                 f"could not compute conditionals for voice '{voice.voice_id}': {e}"
             ) from e
-        self._voices[voice.voice_id] = _CachedVoice(voice.created_at, conds, self._reference(conds))
+        self._voices[voice.voice_id] = _CachedVoice(voice.revision, conds, self._reference(conds))
 
     def _compute_and_save(self, voice: Voice) -> VoiceConditionals:
         conds = compute_conditionals_from_file(
@@ -507,17 +533,17 @@ class ChatterboxEngine(Engine):
             assert self._default is not None, "engine not started"
             return self._default
         cached = self._voices.get(voice.voice_id)
-        if cached is not None and cached.created_at == voice.created_at:
+        if cached is not None and cached.revision == voice.revision:
             return cached
         lock = self._voice_locks.setdefault(voice.voice_id, asyncio.Lock())
         async with lock:
             cached = self._voices.get(voice.voice_id)
-            if cached is None or cached.created_at != voice.created_at:
+            if cached is None or cached.revision != voice.revision:
                 try:
                     conds = await self._in_voice_thread(self._load_or_compute, voice)
                 except Exception as e:
                     raise EngineError(f"voice '{voice.voice_id}' cannot be loaded: {e}") from e
-                cached = _CachedVoice(voice.created_at, conds, self._reference(conds))
+                cached = _CachedVoice(voice.revision, conds, self._reference(conds))
                 self._voices[voice.voice_id] = cached
         return cached
 

@@ -18,6 +18,7 @@ import contextlib
 import secrets
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,13 @@ def _field(conditionals: Any, name: str) -> Any:
     if isinstance(conditionals, dict):
         return conditionals.get(name)
     return getattr(conditionals, name, None)
+
+
+# Prefill CUDA graphs: prompt lengths in steps of this, up to PREFILL_GRAPH_MAX_LEN (longer
+# prompts prefill eagerly), rows (two per guided request) up to PREFILL_GRAPH_MAX_ROWS.
+PREFILL_LEN_BUCKET = 64
+PREFILL_GRAPH_MAX_LEN = 384
+PREFILL_GRAPH_MAX_ROWS = 32
 
 
 @dataclass
@@ -137,9 +145,18 @@ class T3BatchDecoder:
         self.record_logits = record_logits
         self.kv_bucket = kv_bucket
         self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
+        self._prefill_graphs: dict[tuple[int, int], _PrefillGraph] = {}
         n_slots = 2 * max_batch_size
+        self.n_slots = n_slots
         device = model.device
-        self.cache = T3KVCache(model.config, n_slots, max_seq_len, device, model.dtype)
+        # One slot more than requests take: the scratch slot that padding rows of a graphed
+        # prefill write into (never decoded, never handed out).
+        self._scratch_slot = n_slots
+        self.cache = T3KVCache(model.config, n_slots + 1, max_seq_len, device, model.dtype)
+        # A voice's conditioning rows per exaggeration, kept while its speaker tensor lives:
+        # the perceiver runs once per voice, not once per request.
+        # (A WeakKeyDictionary would compare tensors with ``==`` on a hash match.)
+        self._conds: dict[int, tuple[weakref.ref, dict[float, Tensor]]] = {}
         self._seen = torch.zeros(
             n_slots, model.config.speech_vocab_size, dtype=torch.bool, device=device
         )
@@ -165,6 +182,11 @@ class T3BatchDecoder:
     def graph_keys(self) -> list[tuple[int, int]]:
         """(rows, attended cache length) of each captured decode graph."""
         return sorted(self._graphs)
+
+    @property
+    def prefill_graph_keys(self) -> list[tuple[int, int]]:
+        """(rows, padded prompt length) of each captured prefill graph."""
+        return sorted(self._prefill_graphs)
 
     def slots_needed(self, request: T3Request) -> int:
         """Cache slots ``request`` takes (two with guidance, one without)."""
@@ -286,7 +308,12 @@ class T3BatchDecoder:
             embeds[k, : row.shape[0]] = row
         device = model.device
         lengths = torch.tensor([row.shape[0] for row in rows], device=device)
-        hidden = model.prefill(embeds, self.cache, torch.tensor(slots, device=device), lengths)
+        slot_ids = torch.tensor(slots, device=device)
+        graph = self._prefill_graph_for(len(rows), longest)
+        if graph is not None:
+            hidden = graph.run(embeds, slot_ids, lengths)
+        else:
+            hidden = model.prefill(embeds, self.cache, slot_ids, lengths)
         logits = model.logits(hidden)
         cond_rows, uncond_rows, k = [], [], 0
         for state, _ in batch:
@@ -377,7 +404,7 @@ class T3BatchDecoder:
         if self._active:
             raise RuntimeError("capture CUDA graphs before any request starts")
         pool = torch.cuda.graph_pool_handle()
-        rows, n_slots = 1, self.cache.n_slots
+        rows, n_slots = 1, self.n_slots
         sizes = []
         while rows < n_slots:
             sizes.append(rows)
@@ -390,10 +417,40 @@ class T3BatchDecoder:
             for kv_len in reversed(lengths):
                 self._graphs[rows, kv_len] = _DecodeGraph(self, rows, kv_len, pool)
         logger.info(f"Captured T3 decode CUDA graphs for rows {sizes} x cache lengths {lengths}")
+        self._capture_prefill_graphs()
+
+    def _capture_prefill_graphs(
+        self, max_rows: int = PREFILL_GRAPH_MAX_ROWS, max_len: int = PREFILL_GRAPH_MAX_LEN
+    ) -> None:
+        """Capture prefill passes for rows (powers of two) x prompt lengths (multiples of 64).
+
+        A prefill of a burst of requests is otherwise ~600 eager kernel launches from Python,
+        which under load wait for the GIL behind the S3Gen threads and the event loop
+        (benchmarks/NOTES.md). Padding rows write only the scratch slot; padded positions of
+        real rows lie beyond their length, where decoding overwrites them.
+        """
+        pool = torch.cuda.graph_pool_handle()
+        rows_sizes, rows = [], 1
+        while rows < min(max_rows, self.n_slots):
+            rows_sizes.append(rows)
+            rows *= 2
+        rows_sizes.append(min(max_rows, self.n_slots))
+        top = min(max_len, self.max_seq_len)
+        lengths = list(range(PREFILL_LEN_BUCKET, top + 1, PREFILL_LEN_BUCKET))
+        for rows in reversed(rows_sizes):
+            for length in reversed(lengths):
+                self._prefill_graphs[rows, length] = _PrefillGraph(self, rows, length, pool)
+        logger.info(f"Captured T3 prefill CUDA graphs for rows {rows_sizes} x lengths {lengths}")
+
+    def _prefill_graph_for(self, rows: int, length: int) -> _PrefillGraph | None:
+        """The smallest captured prefill graph with at least ``rows`` rows and ``length``."""
+        fitting = [k for k in self._prefill_graphs if k[0] >= rows and k[1] >= length]
+        return self._prefill_graphs[min(fitting)] if fitting else None
 
     def drop_graphs(self) -> None:
-        """Forget captured graphs (decode eagerly)."""
+        """Forget captured graphs (decode and prefill eagerly)."""
         self._graphs.clear()
+        self._prefill_graphs.clear()
 
     def remove(self, request_id: str) -> None:
         """Drop a request and free its slots (no-op for unknown ids)."""
@@ -427,7 +484,22 @@ class T3BatchDecoder:
         if speaker is None:
             raise ValueError("conditionals have no speaker_emb")
         prompt = _field(conds, "cond_prompt_speech_tokens")
-        return self.model.conditioning(speaker, prompt, request.exaggeration)
+        key = float(request.exaggeration)
+        entry = self._conds.get(id(speaker))
+        if entry is None or entry[0]() is not speaker:
+            key_id = id(speaker)
+            try:
+                ref = weakref.ref(speaker, lambda _: self._conds.pop(key_id, None))
+            except TypeError:  # cannot be weakly referenced: no caching
+                return self.model.conditioning(speaker, prompt, key)
+            entry = self._conds[key_id] = (ref, {})
+        per_voice = entry[1]
+        cond = per_voice.get(key)
+        if cond is None:
+            if len(per_voice) >= 8:  # a client sweeping exaggeration values
+                per_voice.clear()
+            cond = per_voice[key] = self.model.conditioning(speaker, prompt, key)
+        return cond
 
     def _advance(
         self, states: list[_Active], picked: list[int], guided: Tensor
@@ -443,6 +515,42 @@ class T3BatchDecoder:
             if finished:
                 self.remove(state.request.request_id)
         return outputs
+
+
+class _PrefillGraph:
+    """One captured prefill pass for fixed rows and a padded prompt length."""
+
+    def __init__(self, decoder: T3BatchDecoder, rows: int, length: int, pool: Any):
+        model = decoder.model
+        device = model.device
+        self._embeds = torch.zeros(
+            rows, length, model.config.hidden_size, device=device, dtype=model.dtype
+        )
+        self._slots = torch.full((rows,), decoder._scratch_slot, dtype=torch.long, device=device)
+        self._lengths = torch.ones(rows, dtype=torch.long, device=device)
+        self._scratch = decoder._scratch_slot
+        cache = decoder.cache
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                model.prefill(self._embeds, cache, self._slots, self._lengths)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph, pool=pool):
+            self._hidden = model.prefill(self._embeds, cache, self._slots, self._lengths)
+
+    def run(self, embeds: Tensor, slots: Tensor, lengths: Tensor) -> Tensor:
+        """Replay for ``embeds`` [b, n, D] (b, n within the graph's): hidden states [b, D]."""
+        b, n, _ = embeds.shape
+        self._embeds.zero_()
+        self._embeds[:b, :n] = embeds
+        self._slots.fill_(self._scratch)
+        self._slots[:b] = slots
+        self._lengths.fill_(1)
+        self._lengths[:b] = lengths
+        self._graph.replay()
+        return self._hidden[:b]
 
 
 class _DecodeGraph:
@@ -564,7 +672,7 @@ class TorchT3Backend(T3Backend):
         decoder = self.decoder
         if decoder is None or not decoder.graph_keys or decoder.active_ids:
             return None
-        rows = min(2 * requests, decoder.cache.n_slots)
+        rows = min(2 * requests, decoder.n_slots)
         graph = decoder._graph_for(rows, kv_len)
         if graph is None:
             return None
