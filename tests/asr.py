@@ -39,6 +39,25 @@ def transcribe(audio: np.ndarray, sample_rate: int) -> str:
     return " ".join(s.text.strip() for s in segments).strip()
 
 
+def transcribe_words(audio: np.ndarray, sample_rate: int) -> list[tuple[str, float, float]]:
+    """Whisper tiny.en's words with its own word timestamps: ``(word, start_s, end_s)``."""
+    audio = np.asarray(audio)
+    if audio.dtype == np.int16:
+        audio = audio.astype(np.float32) / 32768.0
+    audio = audio.astype(np.float32).reshape(-1)
+    if sample_rate != WHISPER_RATE:
+        audio = soxr.resample(audio, sample_rate, WHISPER_RATE).astype(np.float32)
+    segments, _ = _model().transcribe(
+        audio,
+        language="en",
+        beam_size=1,
+        vad_filter=False,
+        condition_on_previous_text=False,
+        word_timestamps=True,
+    )
+    return [(w.word.strip(), w.start, w.end) for s in segments for w in s.words or []]
+
+
 # Whisper writes "I'm" for a spoken "I am" (and the other way round) as it likes.
 _CONTRACTIONS = {
     "i'm": "i am",

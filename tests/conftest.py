@@ -28,7 +28,9 @@ def sidecar_factory(tmp_path: Path) -> Iterator[Callable[..., SidecarProcess]]:
         workdir.mkdir()
         sidecar = SidecarProcess(workdir, {k: str(v) for k, v in env.items()})
         started.append(sidecar)
-        return sidecar.start()
+        # A chatterbox sidecar on CPU loads full-size S3Gen and warms it up: minutes when the
+        # tests run in parallel on a small machine.
+        return sidecar.start(timeout=300 if env.get("TTS_ENGINE") == "chatterbox" else 120)
 
     yield start
     for sidecar in started:

@@ -237,6 +237,12 @@ async def run_bot(websocket: WebSocket, config: BotConfig):
     async def on_user_turn_stopped(aggregator, strategy, message):
         logger.info(f"call {call_sid}: caller said {message.content!r}")
 
+    @assistant_aggregator.event_handler("on_assistant_turn_stopped")
+    async def on_assistant_turn_stopped(aggregator, message):
+        # The TTS sends word timestamps, so an interrupted reply holds only what was heard.
+        cut = " (interrupted: only the words the caller heard)" if message.interrupted else ""
+        logger.info(f"call {call_sid}: bot said {message.content!r}{cut}")
+
     @worker.event_handler("on_pipeline_started")
     async def on_pipeline_started(worker, frame):
         # Audio from before this moment (while the call's Whisper model loads) is not heard.

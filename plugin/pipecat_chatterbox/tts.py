@@ -14,6 +14,14 @@ mid-call, Pipecat's reconnect opens a new one through the same URL, each context
 carried is reported lost once (a non-fatal ``ErrorFrame``) and the next turn is spoken. A
 ``busy`` refusal (HTTP 503 on the upgrade, or ``busy`` for a new context) is retried with
 exponential backoff and jitter within the service's ``busy_retry_*`` bounds.
+
+Word timestamps (on by default): each context asks for ``word_timestamps`` and the sidecar's
+``timestamps`` messages go to Pipecat's word-timestamp machinery, which releases each word as a
+``TTSTextFrame`` when playback reaches it; an interrupted turn's assistant message then holds
+only the words the listener heard. A sidecar or engine that cannot time words says so in
+``started``; the service then times the context's words where its text was sent (the audio
+received so far), which counts a sentence as heard once its audio starts, as services without
+word timings do.
 """
 
 import asyncio
@@ -141,6 +149,7 @@ class ChatterboxTTSService(WebsocketTTSService):
         busy_retry_timeout: float = 15.0,
         busy_retry_min_wait: float = 0.25,
         busy_retry_max_wait: float = 2.0,
+        word_timestamps: bool = True,
         settings: Settings | None = None,
         text_aggregation_mode: TextAggregationMode | None = None,
         **kwargs,
@@ -162,6 +171,9 @@ class ChatterboxTTSService(WebsocketTTSService):
             busy_retry_min_wait: First wait before a retry, in seconds; each next one doubles,
                 drawn between half and all of it (jitter).
             busy_retry_max_wait: Longest wait between two retries, in seconds.
+            word_timestamps: Ask the sidecar when each word is spoken, so that the
+                conversation keeps only the words heard before an interruption. False: one
+                ``TTSTextFrame`` per sentence, pushed as its audio starts.
             settings: Runtime-updatable settings; fields given here override the defaults
                 (voice ``default``, exaggeration 0.5, cfg_weight 0.5, temperature 0.8).
             text_aggregation_mode: ``TextAggregationMode.SENTENCE`` (default) sends whole
@@ -183,9 +195,10 @@ class ChatterboxTTSService(WebsocketTTSService):
 
         super().__init__(
             text_aggregation_mode=text_aggregation_mode,
-            # The sidecar sends no word timings, so the base pushes one TTSTextFrame per
-            # sentence, behind that sentence's TTSStartedFrame.
-            push_text_frames=True,
+            # With word timings the base builds one TTSTextFrame per word, timed to the
+            # audio; without, it pushes one per sentence, behind that sentence's
+            # TTSStartedFrame.
+            push_text_frames=not word_timestamps,
             # The base opens the audio context, starts TTFB and pushes TTSStartedFrame;
             # the sidecar's ``done`` gives the TTSStoppedFrame.
             push_start_frame=True,
@@ -202,6 +215,7 @@ class ChatterboxTTSService(WebsocketTTSService):
         self._api_key = api_key
         self._seed = seed
         self._voice_request_timeout = voice_request_timeout
+        self._word_timestamps = word_timestamps
 
         self._receive_task: asyncio.Task | None = None
         # What the sidecar announced in ``ready``.
@@ -232,6 +246,9 @@ class ChatterboxTTSService(WebsocketTTSService):
         self._flushed_contexts: set[str] = set()
         # One connect (or replacement of the connection) at a time.
         self._connect_lock = asyncio.Lock()
+        # Contexts whose ``started`` said the sidecar sends no word timings: the audio seconds
+        # received for each.
+        self._untimed_audio_s: dict[str, float] = {}
 
     def can_generate_metrics(self) -> bool:
         """Check if this service can generate processing metrics.
@@ -576,6 +593,8 @@ class ChatterboxTTSService(WebsocketTTSService):
             "sample_rate": self.sample_rate,
             "encoding": ENCODING,
         }
+        if self._word_timestamps:
+            msg["word_timestamps"] = True
         for name in ("exaggeration", "cfg_weight", "temperature"):
             value = getattr(self._settings, name)
             if value is not None:
@@ -653,6 +672,7 @@ class ChatterboxTTSService(WebsocketTTSService):
             await self.remove_audio_context(context_id)
             return
         await self.start_tts_usage_metrics(text)
+        await self._note_text_sent(piece, context_id)
         yield None
 
     async def flush_audio(self, context_id: str | None = None):
@@ -700,8 +720,65 @@ class ChatterboxTTSService(WebsocketTTSService):
         self._flushed_contexts.discard(context_id)
         # A retry waiting for it finds it gone and stops.
         self._busy_contexts.pop(context_id, None)
+        self._untimed_audio_s.pop(context_id, None)
         if context_id not in self._ended_contexts:
             self._ended_contexts.append(context_id)
+
+    #
+    # Word timestamps
+    #
+
+    async def _note_text_sent(self, piece: str, context_id: str):
+        """Time a piece sent for a context the sidecar does not time (after its ``started``).
+
+        Text sent before ``started`` is timed when it comes.
+        """
+        if self._word_timestamps and context_id in self._untimed_audio_s:
+            await self._time_untimed_words(piece, context_id)
+
+    async def _time_untimed_words(self, text: str, context_id: str):
+        """Time the words of text the sidecar will not time: at the audio received so far.
+
+        A word cut by the end of a token piece is timed twice in part; Pipecat matches words
+        against the text it sent, and whatever is left untimed it releases at the end of the
+        context.
+        """
+        at = self._untimed_audio_s.get(context_id, 0.0)
+        words = [(word, at) for word in text.split()]
+        if words:
+            await self.add_word_timestamps(words, context_id)
+
+    async def _handle_started_timestamps(self, msg: dict[str, Any], context_id: str):
+        """Note whether the sidecar times this context's words; if not, time the text sent."""
+        if not self._word_timestamps or msg.get("word_timestamps") is True:
+            return
+        if context_id not in self._untimed_audio_s:
+            logger.debug(
+                f"{self}: the sidecar ({self._server_info.get('engine')}) sends no word "
+                f"timestamps for context {context_id}; each sentence counts as heard when its "
+                "audio starts"
+            )
+        if len(self._untimed_audio_s) > _ENDED_MEMORY:
+            for stale in [c for c in self._untimed_audio_s if c in self._ended_contexts]:
+                del self._untimed_audio_s[stale]
+        self._untimed_audio_s[context_id] = 0.0
+        await self._time_untimed_words(self._open_contexts.get(context_id, ""), context_id)
+
+    async def _handle_timestamps(self, msg: dict[str, Any], context_id: str | None):
+        """Hand the sidecar's word timings to Pipecat, which releases each word in time."""
+        words, starts = msg.get("words"), msg.get("start")
+        if not context_id or not isinstance(words, list) or not isinstance(starts, list):
+            logger.warning(f"{self}: ignoring a malformed timestamps message: {msg!r:.200}")
+            return
+        if not self.audio_context_available(context_id):
+            return  # a cancelled or interrupted context's timings still on the wire
+        word_times = [
+            (word, float(start))
+            for word, start in zip(words, starts, strict=False)
+            if isinstance(word, str) and isinstance(start, int | float)
+        ]
+        logger.trace(f"{self}: context {context_id} word times {word_times}")
+        await self.add_word_timestamps(word_times, context_id)
 
     async def _end_audio_context_now(self, context_id: str):
         """Queue a context's ``TTSStoppedFrame`` and close it, if it is still open."""
@@ -744,6 +821,8 @@ class ChatterboxTTSService(WebsocketTTSService):
             num_channels=1,
             context_id=context_id,
         )
+        if context_id in self._untimed_audio_s:
+            self._untimed_audio_s[context_id] += usable / 2 / self.sample_rate
         await self.append_to_audio_context(context_id, frame)
 
     async def _handle_message(self, msg: dict[str, Any]):
@@ -755,9 +834,13 @@ class ChatterboxTTSService(WebsocketTTSService):
         msg_type = msg.get("type")
         context_id = msg.get("context_id")
 
-        if msg_type == "started":
+        if msg_type == "timestamps":
+            await self._handle_timestamps(msg, context_id)
+        elif msg_type == "started":
             self._delivering_context_id = context_id
             self._pending_byte = b""
+            if context_id:
+                await self._handle_started_timestamps(msg, context_id)
             if msg.get("sample_rate", self.sample_rate) != self.sample_rate or (
                 msg.get("encoding", ENCODING) != ENCODING
             ):

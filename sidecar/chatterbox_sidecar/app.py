@@ -189,6 +189,7 @@ class App:
             "native_sample_rate": info.native_sample_rate,
             "encodings": list(protocol.ENCODINGS),
             "can_clone": info.can_clone,
+            "word_timestamps": info.word_timestamps,
             "streaming_default": self.config.streaming,
             "voices": [v["voice_id"] for v in self.list_voices()],
             "limits": self.config.limits(),

@@ -172,6 +172,13 @@ class HttpApi:
                 "'continue' and 'context_id' are websocket fields: an HTTP request is one "
                 "whole text",
             )
+        if obj.get("word_timestamps") is True:
+            raise HttpError(
+                400,
+                "invalid_request",
+                "'word_timestamps' come as websocket messages beside the audio; an HTTP "
+                "response carries audio only",
+            )
         if obj.get("encoding") is None:
             obj = {**obj, "encoding": "pcm_s16le"}  # the HTTP default: the most readable WAV
         name = Fields(obj).str("format", "wav")

@@ -99,6 +99,7 @@ class Synthesize:
     seed: int | None
     sample_rate: int
     encoding: str
+    word_timestamps: bool = False
 
 
 @dataclass(frozen=True)
@@ -361,6 +362,7 @@ def _parse_synthesize(fields: _Fields) -> Synthesize:
             "sample_rate", DEFAULT_SAMPLE_RATE, MIN_SAMPLE_RATE, MAX_SAMPLE_RATE
         ),
         encoding=encoding,
+        word_timestamps=fields.bool("word_timestamps", False),
     )
 
 
@@ -406,7 +408,11 @@ def _no_reprs(message: str) -> str:
 
 
 def started(
-    context_id: str, request: Synthesize, streaming: bool, not_applied: Sequence[str] = ()
+    context_id: str,
+    request: Synthesize,
+    streaming: bool,
+    not_applied: Sequence[str] = (),
+    word_timestamps: bool = False,
 ) -> dict[str, Any]:
     """Build a ``started`` message echoing the parameters in effect.
 
@@ -416,6 +422,8 @@ def started(
         streaming: The mode in effect (the request's flag or the server default).
         not_applied: Parameters the engine's model ignores (Turbo: ``exaggeration``,
             ``cfg_weight``); they are echoed as sent and listed here, never silently dropped.
+        word_timestamps: Whether ``timestamps`` messages come for this context (asked for,
+            and the engine can align).
 
     Returns:
         The message.
@@ -432,6 +440,30 @@ def started(
         "temperature": request.temperature,
         "seed": request.seed,
         "not_applied": list(not_applied),
+        "word_timestamps": word_timestamps,
+    }
+
+
+def timestamps(
+    context_id: str, words: list[str], start: list[float], end: list[float]
+) -> dict[str, Any]:
+    """Build a ``timestamps`` message: client words and when they are spoken.
+
+    Args:
+        context_id: The context.
+        words: The words, as the client sent them (split on whitespace), in order.
+        start: Each word's start, in seconds from the context's first audio sample.
+        end: Each word's end, on the same clock.
+
+    Returns:
+        The message.
+    """
+    return {
+        "type": "timestamps",
+        "context_id": context_id,
+        "words": words,
+        "start": start,
+        "end": end,
     }
 
 

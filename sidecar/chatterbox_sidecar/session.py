@@ -4,6 +4,9 @@ Each context has a generation task (text segments -> engine -> encoded audio, in
 queue) and the connection has one delivery task that sends the contexts' audio strictly in the
 order they were opened. Later contexts generate while earlier ones are still being delivered;
 their audio waits in their queue, which bounds the memory one connection can hold.
+
+Word timestamps ride the same queue: the words an engine chunk times are queued just before
+that chunk's audio, so the client always has them before (or with) the audio they describe.
 """
 
 from __future__ import annotations
@@ -20,7 +23,12 @@ from loguru import logger
 from chatterbox_sidecar import protocol
 from chatterbox_sidecar.app import App
 from chatterbox_sidecar.audio import BYTES_PER_SAMPLE, StreamEncoder
-from chatterbox_sidecar.engines.base import EngineError, SynthesisParams, is_device_fault
+from chatterbox_sidecar.engines.base import (
+    AlignedAudio,
+    EngineError,
+    SynthesisParams,
+    is_device_fault,
+)
 from chatterbox_sidecar.protocol import (
     Cancel,
     ClientMessage,
@@ -32,8 +40,9 @@ from chatterbox_sidecar.protocol import (
     RegisterVoice,
     Synthesize,
 )
-from chatterbox_sidecar.text import TextSegmenter
+from chatterbox_sidecar.text import SourceSpan, TextSegmenter
 from chatterbox_sidecar.voices import Voice
+from chatterbox_sidecar.words import Owners, WordTime, WordTimeline
 
 AUDIO_QUEUE_CHUNKS = 64  # encoded chunks a context may hold before its generation waits
 ENDED_IDS_REMEMBERED = 4096
@@ -58,7 +67,15 @@ class _Failed:
     engine_fault: bool = False  # counts towards the engine's health (not the text's fault)
 
 
+@dataclass(frozen=True)
+class _Words:
+    """Client words timed by the chunk that follows (a ``timestamps`` message)."""
+
+    words: list[WordTime]
+
+
 _END = _End()
+_Cut = tuple[list[SourceSpan], list[Owners] | None]
 
 
 class Context:
@@ -91,7 +108,11 @@ class Context:
         self.last_text_at = time.monotonic()
         self.text_complete = False
         self.cancelled = False
-        self.audio: asyncio.Queue[bytes | _End | _Failed] = asyncio.Queue(AUDIO_QUEUE_CHUNKS)
+        self.audio: asyncio.Queue[bytes | _Words | _End | _Failed] = asyncio.Queue(
+            AUDIO_QUEUE_CHUNKS
+        )
+        # The client's words and their timings, when the context asked and the engine aligns.
+        self.timeline = WordTimeline() if params.word_timestamps else None
         self.encoder = StreamEncoder(
             app.engine.info.native_sample_rate, request.sample_rate, request.encoding
         )
@@ -117,7 +138,8 @@ class Context:
         """
         self.text_chars += len(text)
         self.last_text_at = time.monotonic()
-        self._queue_segments(await self._segment(lambda: self._segmenter.push(text), len(text)))
+        cut = await self._segment(lambda: self._cut(self._segmenter.push_sources(text)), len(text))
+        self._queue_segments(cut)
 
     async def close_text(self) -> None:
         """Mark the text complete: the rest goes to the engine and generation can finish.
@@ -128,20 +150,31 @@ class Context:
         if self.text_complete:
             return
         self.text_complete = True
-        self._queue_segments(await self._segment(self._segmenter.flush, self.text_chars))
+        cut = await self._segment(
+            lambda: self._cut(self._segmenter.flush_sources()), self.text_chars
+        )
+        self._queue_segments(cut)
         self._segments.put_nowait(None)
 
     @staticmethod
-    async def _segment(segment: Callable[[], list[str]], size: int) -> list[str]:
+    async def _segment(segment: Callable[[], _Cut], size: int) -> _Cut:
         # Splitting and normalising cost tens of microseconds a character: a long text is done
         # off the event loop so that other connections' audio keeps flowing meanwhile.
         if size > LONG_TEXT_CHARS:
             return await asyncio.to_thread(segment)
         return segment()
 
-    def _queue_segments(self, segments: list[str]) -> None:
+    def _cut(self, spans: list[SourceSpan]) -> _Cut:
+        """The cuts, and which client word each segment character stands for (if timed)."""
+        return spans, WordTimeline.prepare(spans) if self.timeline is not None else None
+
+    def _queue_segments(self, cut: _Cut) -> None:
+        spans, owners = cut
+        segments = [segment for span in spans for segment in span.segments]
         self.spoken_chars += sum(len(segment) for segment in segments)
         self._app.check_audio_estimate(self.spoken_chars, self.context_id)
+        if self.timeline is not None:
+            self.timeline.add_sources(spans, owners)  # in the order the engine reads them
         for segment in segments:
             self._segments.put_nowait(segment)
 
@@ -165,20 +198,34 @@ class Context:
     async def _generate(self) -> None:
         started = time.perf_counter()
         app = self._app
-        max_samples = app.config.max_audio_seconds * app.engine.info.native_sample_rate
+        rate = app.engine.info.native_sample_rate
+        max_samples = app.config.max_audio_seconds * rate
         samples = 0
+        timeline = self.timeline
         stream = app.engine.synthesize(self._segment_iter(), self.params, self.voice)
         try:
             async for chunk in stream:
-                samples += len(chunk)
+                audio = chunk.audio if isinstance(chunk, AlignedAudio) else chunk
+                if timeline is not None and isinstance(chunk, AlignedAudio) and chunk.spans:
+                    at = samples / rate  # the chunk's first sample, on the context's clock
+                    for t in chunk.spans:
+                        timeline.time(t.segment, t.start_char, t.end_char, at + t.start, at + t.end)
+                    words = timeline.take()
+                    if words:
+                        await self.audio.put(_Words(words))  # before the audio they describe
+                samples += len(audio)
                 if samples > max_samples:  # the estimate let it through; the audio did not
                     await self.audio.put(
                         _Failed("text_too_long", _AUDIO_LIMIT.format(app.config.max_audio_seconds))
                     )
                     return
-                data = self.encoder.encode(chunk)
+                data = self.encoder.encode(audio)
                 if data:
                     await self.audio.put(data)
+            if timeline is not None:
+                words = timeline.take(final_time=samples / rate)  # words with nothing to say
+                if words:
+                    await self.audio.put(_Words(words))
             tail = self.encoder.flush()
             if tail:
                 await self.audio.put(tail)
@@ -376,6 +423,7 @@ class Session:
                 seed=msg.seed,
                 streaming=streaming,
                 context_id=context_id,
+                word_timestamps=msg.word_timestamps and app.engine.info.word_timestamps,
             )
             ctx = Context(context_id, msg, params, voice, app)
             self._contexts[context_id] = ctx
@@ -467,11 +515,22 @@ class Session:
                         ctx.context_id,
                         ctx.request,
                         ctx.params.streaming,
-                        self._app.engine.info.not_applied(),
+                        not_applied=self._app.engine.info.not_applied(),
+                        word_timestamps=ctx.params.word_timestamps,
                     )
                 )
             if isinstance(item, _End):
                 break
+            if isinstance(item, _Words):
+                await self.send_json(
+                    protocol.timestamps(
+                        ctx.context_id,
+                        [w.word for w in item.words],
+                        [w.start for w in item.words],
+                        [w.end for w in item.words],
+                    )
+                )
+                continue
             if ttfb_ms is None:
                 ttfb_ms = (time.perf_counter() - ctx.opened_at) * 1000
                 self._app.metrics.ttfa.observe(ttfb_ms / 1000)
@@ -590,7 +649,7 @@ def _describe(message: ClientMessage) -> str:
         return (
             f"synthesize context_id={message.context_id} continue={message.continue_} "
             f"voice_id={message.voice_id} exaggeration={message.exaggeration} "
-            f"chars={len(message.text)}"
+            f"word_timestamps={message.word_timestamps} chars={len(message.text)}"
         )
     if isinstance(message, Flush | Cancel):
         return f"{type(message).__name__.lower()} context_id={message.context_id}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 
 from num2words import num2words
@@ -402,6 +403,23 @@ _SPAN_TAIL = 16  # raw chars that must follow a word boundary before a stream ma
 _SPLIT, _SKIP, _MORE = "split", "skip", "more"
 
 
+@dataclass(frozen=True)
+class SourceSpan:
+    """A cut of a context's raw text and the segments it became.
+
+    Parameters:
+        start: Offset of ``text`` in the context's text (the pieces pushed, concatenated, with
+            carriage returns removed).
+        text: The raw text that was cut, as the client sent it.
+        segments: Its normalised segments, in order: usually one; several when it spelled
+            out longer than the engine's limit; none when nothing speakable was left.
+    """
+
+    start: int
+    text: str
+    segments: tuple[str, ...]
+
+
 class TextSegmenter:
     """Incremental splitter for one context's text.
 
@@ -446,30 +464,49 @@ class TextSegmenter:
         self.keep_tags = tuple(keep_tags)
         self.first_clause_min_chars = first_clause_min_chars
         self._buf = ""
+        self._consumed = 0  # offset of the buffer's start in the context's text
         self._first = True
         self._checked = 0  # buffer length at the last length check of an open sentence
 
     def push(self, text: str) -> list[str]:
         """Add text; return the segments that are complete now."""
-        self._buf += text.replace("\r", "")  # CRLF, even split across pushes, is "\n"
-        return self._drain(final=False)
+        return [segment for span in self.push_sources(text) for segment in span.segments]
 
     def flush(self) -> list[str]:
         """Return every remaining segment (end of the context, or an explicit flush)."""
+        return [segment for span in self.flush_sources() for segment in span.segments]
+
+    def push_sources(self, text: str) -> list[SourceSpan]:
+        """Add text; return the cuts complete now, each with its raw text and segments.
+
+        The same cuts as :meth:`push`, for a caller that maps segments back to the text
+        the client sent (word timestamps). Every non-blank character of the context's text
+        falls in exactly one returned span, in order, including text nothing speakable came
+        of (its span has no segments).
+        """
+        self._buf += text.replace("\r", "")  # CRLF, even split across pushes, is "\n"
+        return self._drain(final=False)
+
+    def flush_sources(self) -> list[SourceSpan]:
+        """Return every remaining cut (see :meth:`push_sources` and :meth:`flush`)."""
         return self._drain(final=True)
 
-    def _drain(self, final: bool) -> list[str]:
-        out: list[str] = []
+    def _drain(self, final: bool) -> list[SourceSpan]:
+        out: list[SourceSpan] = []
         while self._buf.strip():
-            self._buf = self._buf.lstrip()
+            stripped = self._buf.lstrip()
+            self._consumed += len(self._buf) - len(stripped)
+            self._buf = stripped
             cut = self._next_cut(final)
             if cut is None:
                 break
-            segment, self._buf = _normalize(self._buf[:cut], self.keep_tags), self._buf[cut:]
+            raw, self._buf = self._buf[:cut], self._buf[cut:]
+            segment = _normalize(raw, self.keep_tags)
             self._checked = 0
             pieces = _wrap(segment, self.max_chars) if len(segment) > self.max_chars else [segment]
             pieces = [piece for piece in pieces if _WORDY.search(piece)]
-            out += pieces
+            out.append(SourceSpan(self._consumed, raw, tuple(pieces)))
+            self._consumed += cut
             self._first = self._first and not pieces
         return out
 

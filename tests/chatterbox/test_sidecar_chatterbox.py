@@ -71,6 +71,12 @@ async def test_protocol_end_to_end_on_the_chatterbox_engine(sidecar_factory, mod
         )
         assert phone.started["streaming"] is False
         assert len(phone.audio_bytes) == pytest.approx(expected_seconds(text) * 8000, abs=2)
+        # The engine does not time words yet: asking is no error, started says so, none come.
+        assert ready["word_timestamps"] is False
+        timed = await client.synthesize(text, context_id="w", word_timestamps=True)
+        assert timed.started["word_timestamps"] is False and timed.end["type"] == "done"
+        assert len(timed.audio_bytes) == len(result.audio_bytes)
+        assert not [m for m in client.messages if isinstance(m, dict) and m["type"] == "timestamps"]
 
 
 async def test_cancel_and_cloned_voice_survive_restart(sidecar_factory, model_dir, tmp_path):

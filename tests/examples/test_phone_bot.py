@@ -280,6 +280,23 @@ def test_barge_in_sends_clear_and_stops_the_reply(call: CallRecord):
     assert sum(w in full for w in played) >= 0.6 * len(played), played
 
 
+def test_interrupted_reply_in_the_context_is_only_what_was_heard(call: CallRecord):
+    # The bot logs each reply as the conversation keeps it. Word timestamps let the
+    # interrupted one keep only the words whose audio had played when the caller cut in.
+    replies = re.findall(r"bot said (['\"])(.*?)\1( \(interrupted)?", call.server_log)
+    interrupted = [text for _, text, cut in replies if cut]
+    assert len(interrupted) == 1, replies
+    caller = re.findall(r"caller said (['\"])(.*?)\1", call.server_log)
+    full = f"You said: {caller[1][1]}".split()
+    kept = interrupted[0].split()
+    assert 0 < len(kept) < len(full) and kept == full[: len(kept)], (kept, full)
+    # About as many words as the caller heard before the clear (Whisper on what played).
+    played = normalize_words(heard(call.turns[1].reply)).split()
+    assert abs(len(normalize_words(interrupted[0]).split()) - len(played)) <= 2, (kept, played)
+    # The other replies were heard whole.
+    assert any(text.startswith("You said:") for _, text, cut in replies if not cut), replies
+
+
 def test_reply_after_barge_in_plays(call: CallRecord):
     text = normalize_words(heard(call.turns[2].reply))
     assert text.startswith("you said"), text

@@ -128,7 +128,10 @@ async def test_llm_turn_is_one_context_with_spaces_kept(sidecar):
     assert kinds[0] is LLMFullResponseStartFrame and kinds[1] is TTSStartedFrame
     assert kinds[-2:] == [TTSStoppedFrame, LLMFullResponseEndFrame]
     assert kinds.count(TTSStartedFrame) == 1 and kinds.count(TTSStoppedFrame) == 1
-    assert [f.text for f in of_type(down, TTSTextFrame)] == ["Hello there.", "How are you today?"]
+    # One text frame per word, from the sidecar's timings, in order.
+    words = of_type(down, TTSTextFrame)
+    assert [f.text for f in words] == ["Hello", "there.", "How", "are", "you", "today?"]
+    assert all(f.pts for f in words) and [f.pts for f in words] == sorted(f.pts for f in words)
     audio_frames = of_type(down, TTSAudioRawFrame)
     assert {f.sample_rate for f in audio_frames} == {8000}
     (started,) = of_type(down, TTSStartedFrame)
@@ -144,6 +147,24 @@ async def test_llm_turn_is_one_context_with_spaces_kept(sidecar):
 
 
 LLM_TURN = (LLMFullResponseStartFrame, LLMFullResponseEndFrame)
+
+
+async def test_without_word_timestamps_one_text_frame_per_sentence(sidecar):
+    tts = RecordingChatterboxTTSService(url=sidecar.url, word_timestamps=False)
+    down, up = await run_test(
+        tts,
+        frames_to_send=[
+            LLMFullResponseStartFrame(),
+            LLMTextFrame("Hello there. How are you today?"),
+            LLMFullResponseEndFrame(),
+        ],
+        pipeline_params=params(8000),
+    )
+    assert not of_type(up, ErrorFrame), [f.error for f in of_type(up, ErrorFrame)]
+    assert [f.text for f in of_type(down, TTSTextFrame)] == ["Hello there.", "How are you today?"]
+    assert all("word_timestamps" not in m for m in tts.sent_of("synthesize"))
+    assert tts.received_of("timestamps") == []
+    assert [m["word_timestamps"] for m in tts.received_of("started")] == [False]
 
 
 async def test_token_mode_streams_tokens_verbatim(sidecar):
@@ -167,6 +188,10 @@ async def test_token_mode_streams_tokens_verbatim(sidecar):
     assert len({m["context_id"] for m in synths}) == 1
     assert tts.sent[-1]["type"] == "flush"
     assert len(of_type(down, TTSStartedFrame)) == len(of_type(down, TTSStoppedFrame)) == 1
+    # The sidecar times the words of the concatenated tokens: "every"+"one" is one word.
+    timed = [w for m in tts.received_of("timestamps") for w in m["words"]]
+    assert timed == "".join(tokens).split()
+    assert " ".join(f.text for f in of_type(down, TTSTextFrame)) == "".join(tokens)
     assert_says(audio_of(down), 16000, "Good morning, everyone. It is sunny.")
 
 

@@ -2,6 +2,11 @@
 
 An engine turns normalised text segments into float32 mono audio at its native sample rate. It
 never sees sockets, encodings or client sample rates; the session layer does the rest.
+
+Alignment (word timestamps): an engine that can tell when its text is spoken sets
+``EngineInfo.word_timestamps``; when a context asks (``SynthesisParams.word_timestamps``) it
+yields :class:`AlignedAudio` chunks whose :class:`SpanTiming` entries say when character spans of
+its segments are spoken. The session maps those spans back to the client's words.
 """
 
 from __future__ import annotations
@@ -91,6 +96,10 @@ class EngineInfo:
             as not applied.
         tags: Paralinguistic tags (such as ``[laugh]``) the text normaliser passes through
             untouched for the model to perform.
+        word_timestamps: Whether the engine yields :class:`AlignedAudio` when a context asks
+            for word timestamps.
+        alignment_source: How its timings are made, for clients and logs (e.g.
+            ``"piper phoneme durations"``); None without word timestamps.
     """
 
     name: str
@@ -103,6 +112,8 @@ class EngineInfo:
     languages: tuple[str, ...] = ("en",)
     parameters: tuple[str, ...] = ("exaggeration", "cfg_weight", "temperature", "seed")
     tags: tuple[str, ...] = ()
+    word_timestamps: bool = False
+    alignment_source: str | None = None
 
     def not_applied(self) -> list[str]:
         """Returns: the synthesis parameters this engine ignores, in protocol order."""
@@ -126,6 +137,9 @@ class SynthesisParams:
         streaming: True to stream segment by segment; False for the batch mode that generates
             all segments of the text together.
         context_id: The context being spoken, for the engine's logs.
+        word_timestamps: The context wants to know when its words are spoken; an engine with
+            ``EngineInfo.word_timestamps`` then yields :class:`AlignedAudio`. Engines without
+            ignore it.
     """
 
     voice_id: str = "default"
@@ -135,6 +149,50 @@ class SynthesisParams:
     seed: int | None = None
     streaming: bool = True
     context_id: str | None = None
+    word_timestamps: bool = False
+
+
+@dataclass(frozen=True)
+class SpanTiming:
+    """When a character span of one of the context's segments is spoken.
+
+    Parameters:
+        segment: The segment's index among those the engine read for the context (0-based).
+        start_char: First character of the span in that (normalised) segment.
+        end_char: Just past the span's last character.
+        start: When the span starts, in seconds from the first sample of the chunk that
+            carries this timing. At or after 0; it may lie beyond that chunk.
+        end: When the span ends, on the same clock (at or after ``start``; it may lie in a
+            later chunk, and may be an estimate where the engine cannot know it yet).
+    """
+
+    segment: int
+    start_char: int
+    end_char: int
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class AlignedAudio:
+    """A chunk of audio with the timings of the text that starts in it.
+
+    Rules for engines: a span's timing comes with the chunk that holds its start, or an
+    earlier one, never later (so the client has it before the audio); each character is
+    timed at most once; a chunk may carry timings and no audio.
+
+    Parameters:
+        audio: float32 mono samples at the engine's native rate (may be empty).
+        spans: Timings of spans starting in (or after) this chunk.
+    """
+
+    audio: np.ndarray
+    spans: tuple[SpanTiming, ...] = ()
+
+
+def chunk_audio(chunk: np.ndarray | AlignedAudio) -> np.ndarray:
+    """Returns: the samples of an item an engine yielded, with or without alignment."""
+    return chunk.audio if isinstance(chunk, AlignedAudio) else chunk
 
 
 class Engine(ABC):
@@ -156,7 +214,7 @@ class Engine(ABC):
         segments: AsyncIterator[str],
         params: SynthesisParams,
         voice: Voice | None,
-    ) -> AsyncIterator[np.ndarray]:
+    ) -> AsyncIterator[np.ndarray | AlignedAudio]:
         """Stream audio for one context.
 
         Args:
@@ -166,8 +224,10 @@ class Engine(ABC):
             voice: The registered voice to speak with, or None for the engine's default.
 
         Returns:
-            An async iterator of float32 mono chunks at ``info.native_sample_rate``. Closing it
-            (or cancelling the task that iterates it) must stop generation within one chunk.
+            An async iterator of float32 mono chunks at ``info.native_sample_rate``; with
+            ``params.word_timestamps`` and ``info.word_timestamps``, :class:`AlignedAudio`
+            chunks. Closing it (or cancelling the task that iterates it) must stop generation
+            within one chunk.
 
         Raises:
             UnsupportedError: If the engine cannot speak with ``voice`` or honour ``params``.

@@ -7,8 +7,8 @@ worker that dies (a segfault, SIGKILL, the OOM killer) fails only the job it hel
 deadline has its worker killed the same way.
 
 The child runs ``target(conn, *args)`` (a module-level function, for the ``spawn`` start method):
-it sends ``("ready",)`` once loaded, then answers each job it receives with any number of
-``("item", value)`` messages and one ``("done",)`` or ``("error", text)``.
+it sends ``("ready", pid, *details)`` once loaded, then answers each job it receives with any
+number of ``("item", value)`` messages and one ``("done",)`` or ``("error", text)``.
 """
 
 from __future__ import annotations
@@ -104,6 +104,8 @@ class WorkerPool:
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task] = set()
+        # What the last worker to start said after its pid in ``ready`` (what it can do).
+        self.ready_details: tuple = ()
 
     @property
     def live_workers(self) -> int:
@@ -159,6 +161,7 @@ class WorkerPool:
                 f"({_exit_description(process)}){': ' + detail if detail else ''}"
             )
         worker.ready = True
+        self.ready_details = tuple(first[2:])
         return worker
 
     def _read(self, worker: _Worker, loop: asyncio.AbstractEventLoop) -> None:
