@@ -6,6 +6,9 @@ import asyncio
 import io
 import json
 import os
+import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -93,7 +96,7 @@ async def test_prepare_sees_the_staged_voice_and_its_artifacts_are_committed(tmp
     assert voice.artifact_path("conds.pt").read_bytes() == b"conditionals"
 
 
-async def test_recovery_after_crashes_at_each_step(tmp_path, monkeypatch):
+async def test_recovery_after_crashes_at_each_step(tmp_path):
     store = VoiceStore(tmp_path)
     audio = validate_reference_wav(_wav(4.0))
     await store.register("kept", audio)
@@ -109,9 +112,6 @@ async def test_recovery_after_crashes_at_each_step(tmp_path, monkeypatch):
     # crash after a completed replace, before the old copy was removed
     (tmp_path / ".trash" / "replaced-kept-ghi").mkdir()
 
-    # The next start comes after STALE_WRITE_SECONDS: these are a crash's leftovers.
-    later = time.time() + voices_module.STALE_WRITE_SECONDS + 1
-    monkeypatch.setattr(voices_module.time, "time", lambda: later)
     recovered = VoiceStore(tmp_path)
     assert [v.voice_id for v in recovered.list()] == ["kept", "swapped"]
     assert recovered.get("swapped").reference_path.read_bytes() == audio.data
@@ -146,7 +146,9 @@ async def test_a_sidecar_starting_on_a_shared_folder_leaves_writes_in_progress_a
     task = asyncio.create_task(writer.register("fresh", new_audio, prepare=slow_prepare))
     await started.wait()
     # Another sidecar's replace, caught between moving the old copy aside and the new one in.
-    os.rename(tmp_path / "swapped", tmp_path / ".trash" / "replaced-swapped-abc")
+    # (this process is alive: its entries are a write in progress, as another sidecar's are)
+    aside = tmp_path / ".trash" / voices_module._owned("replaced-swapped-abc")
+    os.rename(tmp_path / "swapped", aside)
     staged = list((tmp_path / ".staging").iterdir())
     assert len(staged) == 1
 
@@ -158,3 +160,26 @@ async def test_a_sidecar_starting_on_a_shared_folder_leaves_writes_in_progress_a
     voice = await task
     assert voice.voice_id == "fresh"
     assert VoiceStore(tmp_path).get("fresh").reference_path.read_bytes() == new_audio.data
+
+
+def test_writes_of_a_dead_process_are_recovered_at_once_and_another_hosts_after_a_while(
+    tmp_path, monkeypatch
+):
+    store = VoiceStore(tmp_path)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_tag = f"{int(dead.stdout)}@{socket.gethostname()}".encode().hex()
+    remote_tag = b"4242@another-host".hex()
+    (tmp_path / ".staging" / f"a-1~{dead_tag}").mkdir()
+    (tmp_path / ".staging" / f"b-2~{remote_tag}").mkdir()
+    VoiceStore(tmp_path)
+    assert [p.name for p in (tmp_path / ".staging").iterdir()] == [f"b-2~{remote_tag}"]
+    later = time.time() + voices_module.STALE_WRITE_SECONDS + 1
+    monkeypatch.setattr(voices_module.time, "time", lambda: later)
+    VoiceStore(tmp_path)
+    assert not any((tmp_path / ".staging").iterdir())
+    assert store.list() == []

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -46,8 +47,8 @@ MIN_REFERENCE_RATE = 8_000
 MAX_REFERENCE_RATE = 96_000
 REFERENCE_FILE = "reference.wav"
 META_FILE = "meta.json"
-# An unfinished write (staged voice, voice moved aside) older than this is a crash's leftover;
-# a younger one may belong to another sidecar sharing the folder.
+# An unfinished write of a process on another host (a fleet sharing the folder over NFS) older
+# than this is a crash's leftover; a younger one may still be in progress.
 STALE_WRITE_SECONDS = 600.0
 MIN_REFERENCE_SECONDS = 3.0
 MAX_REFERENCE_SECONDS = 30.0
@@ -242,6 +243,50 @@ def _sndfile_reason(error: Exception) -> str:
     return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the data", reason)
 
 
+# Unfinished writes (.staging and .trash entries) are named "<name>~<owner>", the owner being
+# the writing process as hex of "pid@host", so that a starting sidecar cleans up only what a
+# dead process left: sidecars of a fleet may share the folder.
+_OWNER_MARK = "~"
+
+
+def _owner_tag() -> str:
+    return f"{os.getpid()}@{socket.gethostname()}".encode().hex()
+
+
+def _owned(name: str) -> str:
+    return f"{name}{_OWNER_MARK}{_owner_tag()}"
+
+
+def _abandoned(entry: Path) -> bool:
+    """Whether an unfinished write was left by a process that is gone.
+
+    A write of a live process on this host (another sidecar sharing the folder, or this one)
+    is in progress; another host's is abandoned once it is older than STALE_WRITE_SECONDS;
+    an entry without an owner is a crash's leftover from before owners were recorded.
+    """
+    _, mark, tag = entry.name.partition(_OWNER_MARK)
+    if not mark:
+        return True
+    try:
+        pid_text, _, host = bytes.fromhex(tag).decode().partition("@")
+        pid = int(pid_text)
+    except ValueError:
+        return True
+    if host == socket.gethostname():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
+    try:
+        st = entry.stat()  # ctime: a rename into .trash counts as its last change
+    except FileNotFoundError:  # its owner finished meanwhile
+        return False
+    return time.time() - max(st.st_mtime, st.st_ctime) > STALE_WRITE_SECONDS
+
+
 class VoiceStore:
     """Registered voices under one directory, safe against crashes and concurrent writers."""
 
@@ -267,28 +312,17 @@ class VoiceStore:
         return self._root
 
     def _recover(self) -> None:
-        # Sidecars of a fleet may share this folder: an entry younger than STALE_WRITE_SECONDS
-        # may be another sidecar's registration in progress, so only older ones are cleaned up.
-        now = time.time()
-
-        def stale(entry: Path) -> bool:
-            try:
-                st = entry.stat()  # ctime: a rename into .trash counts as its last change
-                return now - max(st.st_mtime, st.st_ctime) > STALE_WRITE_SECONDS
-            except FileNotFoundError:  # the other sidecar finished meanwhile
-                return False
-
         for entry in self._staging.iterdir():
-            if not stale(entry):
+            if not _abandoned(entry):
                 continue
             logger.info(f"Voice store: removing unfinished write {entry.name}")
             shutil.rmtree(entry, ignore_errors=True)
         for entry in self._trash.iterdir():
-            if not stale(entry):
+            if not _abandoned(entry):
                 continue
             # "replaced-<id>-<uuid>": the old copy of a voice being replaced. If the crash came
             # between moving it aside and moving the new one in, put the old one back.
-            kind, _, rest = entry.name.partition("-")
+            kind, _, rest = entry.name.split(_OWNER_MARK, 1)[0].partition("-")
             voice_id = rest.rsplit("-", 1)[0]
             target = self._root / voice_id
             if kind == "replaced" and VOICE_ID_PATTERN.fullmatch(voice_id) and not target.exists():
@@ -376,7 +410,7 @@ class VoiceStore:
                     "quota_exceeded",
                     f"the voice store is full ({self._max_voices} voices); delete one first",
                 )
-            staged_dir = self._staging / f"{voice_id}-{uuid.uuid4().hex}"
+            staged_dir = self._staging / _owned(f"{voice_id}-{uuid.uuid4().hex}")
             try:
                 staged = await asyncio.to_thread(self._write_staged, staged_dir, voice_id, audio)
                 if prepare is not None:
@@ -419,7 +453,7 @@ class VoiceStore:
     def _commit(self, staged_dir: Path, voice_id: str) -> None:
         _fsync_dir(staged_dir)
         target = self._root / voice_id
-        old = self._trash / f"replaced-{voice_id}-{uuid.uuid4().hex}"
+        old = self._trash / _owned(f"replaced-{voice_id}-{uuid.uuid4().hex}")
         if target.exists():
             os.rename(target, old)
         os.rename(staged_dir, target)
@@ -446,7 +480,7 @@ class VoiceStore:
         logger.info(f"Voice store: deleted {voice_id}")
 
     def _delete(self, voice_id: str) -> None:
-        gone = self._trash / f"deleted-{voice_id}-{uuid.uuid4().hex}"
+        gone = self._trash / _owned(f"deleted-{voice_id}-{uuid.uuid4().hex}")
         os.rename(self._root / voice_id, gone)
         _fsync_dir(self._root)
         shutil.rmtree(gone, ignore_errors=True)
