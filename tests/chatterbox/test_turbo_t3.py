@@ -14,12 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from chatterbox_sidecar.engines.chatterbox.t3.backend import T3Request
+from chatterbox_sidecar.engines.chatterbox.t3.model import T3KVCache
 from chatterbox_sidecar.engines.chatterbox.turbo.t3_backend import (
     TurboT3Backend,
     TurboT3BatchDecoder,
     turbo_sample,
 )
-from chatterbox_sidecar.engines.chatterbox.turbo.t3_model import TurboKVCache, TurboT3Model
+from chatterbox_sidecar.engines.chatterbox.turbo.t3_model import TurboT3Model
 from chatterbox_sidecar.engines.chatterbox.turbo.text import TurboTokenizer, turbo_punc_norm
 from safetensors.torch import load_file
 
@@ -85,7 +86,7 @@ def test_backbone_matches_gpt2_and_the_cache_matches_the_full_pass(random_dir):
         full = model.forward_full(prompt[None])[0]
         assert torch.allclose(full, naive_gpt2(state, prompt), atol=1e-5)
         # prefill the prompt minus its last 3 rows, then decode them one by one
-        cache = TurboKVCache(model.config, 2, 128, "cpu", torch.float32)
+        cache = T3KVCache(model.config, 2, 128, "cpu", torch.float32)
         n = prompt.shape[0]
         head = model.prefill(prompt[None, : n - 3], cache, torch.tensor([1]))
         assert torch.allclose(head[0], full[n - 4], atol=1e-5)

@@ -329,7 +329,7 @@ class T3KVCache:
 
 
 @dataclass
-class _AttnContext:
+class AttnContext:
     """How attention reads and writes keys/values in one backbone pass."""
 
     mode: str  # "full", "prefill" or "decode"
@@ -338,6 +338,42 @@ class _AttnContext:
     positions: Tensor | None = None  # decode: [S] write position of each row
     mask: Tensor | None = None  # decode: [S, 1, 1, kv_len] attendable keys
     kv_len: int = 0
+
+
+def cached_attention(
+    q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, layer: int, enable_gqa: bool = False
+) -> Tensor:
+    """Causal attention of one layer, reading and writing the KV cache as ``ctx`` says.
+
+    Args:
+        q: Queries [B, heads, L, head_dim] (RoPE applied where the model uses it).
+        k: This pass's keys [B, kv_heads, L, head_dim].
+        v: This pass's values, as ``k``.
+        ctx: The pass: ``full`` (no cache), ``prefill`` (keys of rows written to their slots)
+            or ``decode`` (one token a row, written at its position; row ``i`` is slot ``i``).
+        layer: The layer's index in the cache.
+        enable_gqa: Fewer key/value heads than query heads.
+
+    Returns:
+        The attention output [B, heads, L, head_dim].
+    """
+    b, _, n, _ = q.shape
+    if ctx.mode == "decode":
+        assert ctx.cache is not None and ctx.positions is not None
+        rows = torch.arange(b, device=q.device)
+        k_cache, v_cache = ctx.cache.k[layer], ctx.cache.v[layer]
+        k_cache[rows, :, ctx.positions] = k[:, :, 0]
+        v_cache[rows, :, ctx.positions] = v[:, :, 0]
+        keys = k_cache[:b, :, : ctx.kv_len]
+        values = v_cache[:b, :, : ctx.kv_len]
+        return F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=ctx.mask, enable_gqa=enable_gqa
+        )
+    if ctx.mode == "prefill":
+        assert ctx.cache is not None and ctx.slots is not None
+        ctx.cache.k[layer][ctx.slots, :, :n] = k
+        ctx.cache.v[layer][ctx.slots, :, :n] = v
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
 
 
 class Attention(nn.Module):
@@ -355,7 +391,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, config.n_kv_heads * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: _AttnContext) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttnContext) -> Tensor:
         """Attend over ``x`` [B, L, D]; ``cos``/``sin`` are [B, L, head_dim]."""
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
@@ -363,24 +399,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = cos[:, None], sin[:, None]
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-        gqa = self.n_kv_heads != self.n_heads
-        if ctx.mode == "decode":
-            assert ctx.cache is not None and ctx.positions is not None
-            rows = torch.arange(b, device=x.device)
-            k_cache, v_cache = ctx.cache.k[self.layer_idx], ctx.cache.v[self.layer_idx]
-            k_cache[rows, :, ctx.positions] = k[:, :, 0]
-            v_cache[rows, :, ctx.positions] = v[:, :, 0]
-            keys = k_cache[:b, :, : ctx.kv_len]
-            values = v_cache[:b, :, : ctx.kv_len]
-            out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=ctx.mask, enable_gqa=gqa
-            )
-        else:
-            if ctx.mode == "prefill":
-                assert ctx.cache is not None and ctx.slots is not None
-                ctx.cache.k[self.layer_idx][ctx.slots, :, :n] = k
-                ctx.cache.v[self.layer_idx][ctx.slots, :, :n] = v
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        out = cached_attention(q, k, v, ctx, self.layer_idx, self.n_kv_heads != self.n_heads)
         out = out.transpose(1, 2).reshape(b, n, -1)
         return self.o_proj(out)
 
@@ -410,7 +429,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: _AttnContext) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttnContext) -> Tensor:
         """Run the layer on ``x`` [B, L, D]."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -424,7 +443,7 @@ class LlamaBackbone(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: _AttnContext) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttnContext) -> Tensor:
         """Run all layers and the final norm."""
         for layer in self.layers:
             x = layer(x, cos, sin, ctx)
@@ -604,7 +623,7 @@ class T3Model(nn.Module):
         b, n, _ = embeds.shape
         positions = torch.arange(n, device=embeds.device).expand(b, n)
         cos, sin = self._rope(positions, n)
-        return self.tfmr(embeds.to(self.dtype), cos, sin, _AttnContext("full"))
+        return self.tfmr(embeds.to(self.dtype), cos, sin, AttnContext("full"))
 
     def prefill(
         self, embeds: Tensor, cache: T3KVCache, slots: Tensor, lengths: Tensor | None = None
@@ -627,7 +646,7 @@ class T3Model(nn.Module):
         b, n, _ = embeds.shape
         positions = torch.arange(n, device=embeds.device).expand(b, n)
         cos, sin = self._rope(positions, n)
-        ctx = _AttnContext("prefill", cache=cache, slots=slots)
+        ctx = AttnContext("prefill", cache=cache, slots=slots)
         hidden = self.tfmr(embeds.to(self.dtype), cos, sin, ctx)
         if lengths is None:
             return hidden[:, -1]
@@ -652,5 +671,5 @@ class T3Model(nn.Module):
         cos, sin = self._rope(positions[:, None], kv_len)
         keys = torch.arange(kv_len, device=positions.device)
         mask = (keys[None, :] <= positions[:, None])[:, None, None, :]
-        ctx = _AttnContext("decode", cache=cache, positions=positions, mask=mask, kv_len=kv_len)
+        ctx = AttnContext("decode", cache=cache, positions=positions, mask=mask, kv_len=kv_len)
         return self.tfmr(embeds[:, None].to(self.dtype), cos, sin, ctx)[:, 0]

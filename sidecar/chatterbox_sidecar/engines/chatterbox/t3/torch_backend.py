@@ -18,7 +18,6 @@ import contextlib
 import secrets
 import threading
 import time
-import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,11 @@ from chatterbox_sidecar.engines.chatterbox.t3.model import (
     STOP_SPEECH_TOKEN,
     T3KVCache,
     T3Model,
+)
+from chatterbox_sidecar.engines.chatterbox.t3.slots import (
+    ConditioningCache,
+    DecodeGraph,
+    SlotDecoder,
 )
 from chatterbox_sidecar.engines.chatterbox.t3.stream import TokenStream
 from chatterbox_sidecar.engines.chatterbox.t3.text import T3Tokenizer
@@ -111,7 +115,7 @@ class _Job:
     cancelled: bool = field(default=False)
 
 
-class T3BatchDecoder:
+class T3BatchDecoder(SlotDecoder):
     """Batched T3 decoding over a fixed pool of KV-cache slots.
 
     A decode step is one backbone pass over the first ``R`` slots followed by sampling on the
@@ -144,7 +148,7 @@ class T3BatchDecoder:
         self.max_seq_len = max_seq_len
         self.record_logits = record_logits
         self.kv_bucket = kv_bucket
-        self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
+        self._graphs: dict[tuple[int, int], DecodeGraph[tuple[Tensor, Tensor]]] = {}
         self._prefill_graphs: dict[tuple[int, int], _PrefillGraph] = {}
         n_slots = 2 * max_batch_size
         self.n_slots = n_slots
@@ -153,10 +157,9 @@ class T3BatchDecoder:
         # prefill write into (never decoded, never handed out).
         self._scratch_slot = n_slots
         self.cache = T3KVCache(model.config, n_slots + 1, max_seq_len, device, model.dtype)
-        # A voice's conditioning rows per exaggeration, kept while its speaker tensor lives:
-        # the perceiver runs once per voice, not once per request.
-        # (A WeakKeyDictionary would compare tensors with ``==`` on a hash match.)
-        self._conds: dict[int, tuple[weakref.ref, dict[float, Tensor]]] = {}
+        # A voice's conditioning rows per exaggeration: the perceiver runs once per voice,
+        # not once per request.
+        self._conds = ConditioningCache()
         self._seen = torch.zeros(
             n_slots, model.config.speech_vocab_size, dtype=torch.bool, device=device
         )
@@ -169,21 +172,6 @@ class T3BatchDecoder:
         self._active: dict[str, _Active] = {}
 
     @property
-    def active_ids(self) -> list[str]:
-        """Ids of the requests being decoded."""
-        return list(self._active)
-
-    @property
-    def free_slots(self) -> int:
-        """KV-cache slots not held by a request."""
-        return len(self._free)
-
-    @property
-    def graph_keys(self) -> list[tuple[int, int]]:
-        """(rows, attended cache length) of each captured decode graph."""
-        return sorted(self._graphs)
-
-    @property
     def prefill_graph_keys(self) -> list[tuple[int, int]]:
         """(rows, padded prompt length) of each captured prefill graph."""
         return sorted(self._prefill_graphs)
@@ -192,52 +180,9 @@ class T3BatchDecoder:
         """Cache slots ``request`` takes (two with guidance, one without)."""
         return 2 if request.cfg_weight != 0 else 1
 
-    def can_admit(self, request: T3Request) -> bool:
-        """Whether enough slots are free for ``request``."""
-        return len(self._free) >= self.slots_needed(request)
-
-    def add(self, request: T3Request) -> StepOutput:
-        """Prefill ``request`` and sample its first token.
-
-        Raises:
-            ValueError: Duplicate id, no free slots, or a prompt longer than a slot.
-        """
-        result = self.add_batch([request])[0]
-        if isinstance(result, BaseException):
-            raise result
-        return result
-
-    def add_batch(self, requests: list[T3Request]) -> list[StepOutput | Exception]:
-        """Prefill several requests in one backbone pass and sample their first tokens.
-
-        Prompts of different lengths share the pass right-padded (see
-        :meth:`~.model.T3Model.prefill`); each request samples exactly as if added alone.
-
-        Args:
-            requests: The new requests.
-
-        Returns:
-            Per request, its first :class:`StepOutput`, or the error that kept it out
-            (duplicate id, no free slots, a prompt longer than a slot); the others still run.
-        """
-        results: list[StepOutput | Exception | None] = [None] * len(requests)
-        admitted: list[tuple[int, _Active, list[Tensor]]] = []
-        for i, request in enumerate(requests):
-            try:
-                admitted.append((i, *self._admit(request)))
-            except Exception as exc:  # noqa: BLE001 - returned to the caller for this request
-                results[i] = exc
-        if admitted:
-            try:
-                outputs = self._prefill([(state, rows) for _, state, rows in admitted])
-            except Exception as exc:  # noqa: BLE001 - every request of the pass failed
-                for i, state, _ in admitted:
-                    self.remove(state.request.request_id)
-                    results[i] = exc
-            else:
-                for (i, _, _), out in zip(admitted, outputs, strict=True):
-                    results[i] = out
-        return results  # type: ignore[return-value]
+    def decode_rows(self, requests: int) -> int:
+        """Rows a decode step of ``requests`` guided requests runs over (two each)."""
+        return min(2 * requests, self.n_slots)
 
     def _text_ids(self, text: str) -> list[int]:
         """Token ids of ``text``, checked on the host against the model's tables.
@@ -392,31 +337,8 @@ class T3BatchDecoder:
         return tokens, guided
 
     def capture_graphs(self) -> None:
-        """Capture the decode step as CUDA graphs for every (row, cache length) bucket.
-
-        Rows are powers of two up to the slot count, cache lengths multiples of
-        ``kv_bucket`` up to ``max_seq_len``. Must run while no request is active: capturing
-        runs the step on every slot (writing position 0 of each and their penalty sets),
-        which is harmless only while all slots are free.
-        """
-        if self.model.device.type != "cuda":
-            raise ValueError("CUDA graphs need a CUDA device")
-        if self._active:
-            raise RuntimeError("capture CUDA graphs before any request starts")
-        pool = torch.cuda.graph_pool_handle()
-        rows, n_slots = 1, self.n_slots
-        sizes = []
-        while rows < n_slots:
-            sizes.append(rows)
-            rows *= 2
-        sizes.append(n_slots)
-        lengths = list(range(self.kv_bucket, self.max_seq_len, self.kv_bucket))
-        lengths.append(self.max_seq_len)
-        # Largest first, so that smaller ones reuse its pool memory.
-        for rows in reversed(sizes):
-            for kv_len in reversed(lengths):
-                self._graphs[rows, kv_len] = _DecodeGraph(self, rows, kv_len, pool)
-        logger.info(f"Captured T3 decode CUDA graphs for rows {sizes} x cache lengths {lengths}")
+        """Capture the decode step (see :meth:`SlotDecoder.capture_graphs`) and prefill passes."""
+        super().capture_graphs()
         self._capture_prefill_graphs()
 
     def _capture_prefill_graphs(
@@ -449,7 +371,7 @@ class T3BatchDecoder:
 
     def drop_graphs(self) -> None:
         """Forget captured graphs (decode and prefill eagerly)."""
-        self._graphs.clear()
+        super().drop_graphs()
         self._prefill_graphs.clear()
 
     def remove(self, request_id: str) -> None:
@@ -457,11 +379,6 @@ class T3BatchDecoder:
         state = self._active.pop(request_id, None)
         if state is not None:
             self._free.extend(state.slots)
-
-    def _graph_for(self, rows: int, kv_len: int) -> _DecodeGraph | None:
-        """The smallest captured graph with at least ``rows`` rows and ``kv_len`` keys."""
-        fitting = [key for key in self._graphs if key[0] >= rows and key[1] >= kv_len]
-        return self._graphs[min(fitting)] if fitting else None
 
     def _assign(self, request: T3Request, slots: list[int]) -> None:
         """Write a new request's sampling parameters, seed and partner into its slots."""
@@ -485,21 +402,7 @@ class T3BatchDecoder:
             raise ValueError("conditionals have no speaker_emb")
         prompt = _field(conds, "cond_prompt_speech_tokens")
         key = float(request.exaggeration)
-        entry = self._conds.get(id(speaker))
-        if entry is None or entry[0]() is not speaker:
-            key_id = id(speaker)
-            try:
-                ref = weakref.ref(speaker, lambda _: self._conds.pop(key_id, None))
-            except TypeError:  # cannot be weakly referenced: no caching
-                return self.model.conditioning(speaker, prompt, key)
-            entry = self._conds[key_id] = (ref, {})
-        per_voice = entry[1]
-        cond = per_voice.get(key)
-        if cond is None:
-            if len(per_voice) >= 8:  # a client sweeping exaggeration values
-                per_voice.clear()
-            cond = per_voice[key] = self.model.conditioning(speaker, prompt, key)
-        return cond
+        return self._conds.get(speaker, key, lambda: self.model.conditioning(speaker, prompt, key))
 
     def _advance(
         self, states: list[_Active], picked: list[int], guided: Tensor
@@ -551,31 +454,6 @@ class _PrefillGraph:
         self._lengths[:b] = lengths
         self._graph.replay()
         return self._hidden[:b]
-
-
-class _DecodeGraph:
-    """One captured decode step for fixed rows and attended cache length (inputs zero-padded)."""
-
-    def __init__(self, decoder: T3BatchDecoder, rows: int, kv_len: int, pool: Any):
-        device = decoder.model.device
-        self._inputs = torch.zeros(3, rows, dtype=torch.long, device=device)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                decoder.decode_and_sample(self._inputs, kv_len)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph, pool=pool):
-            self._tokens, self._guided = decoder.decode_and_sample(self._inputs, kv_len)
-
-    def run(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
-        """Replay for ``inputs`` [3, n], n <= rows: tokens [n] and guided logits [n, V]."""
-        n = inputs.shape[1]
-        self._inputs.zero_()
-        self._inputs[:, :n] = inputs
-        self._graph.replay()
-        return self._tokens[:n], self._guided[:n]
 
 
 class TorchT3Backend(T3Backend):
@@ -630,21 +508,8 @@ class TorchT3Backend(T3Backend):
         self._thread = threading.Thread(target=self._run, name="t3-decode", daemon=True)
         self._thread.start()
 
-    def _load(self) -> T3BatchDecoder:
-        model = T3Model.from_safetensors(
-            self.model_dir / "t3_cfg.safetensors",
-            device=self.device,
-            dtype=self.dtype,
-            max_positions=self.max_seq_len,
-        )
-        tokenizer = T3Tokenizer(self.model_dir / "tokenizer.json")
-        decoder = T3BatchDecoder(
-            model,
-            tokenizer,
-            max_batch_size=self.max_batch_size,
-            max_seq_len=self.max_seq_len,
-            kv_bucket=self.kv_bucket,
-        )
+    def _load(self) -> SlotDecoder:
+        decoder = self._build_decoder()
         if self.cuda_graphs:
             try:
                 with torch.inference_mode():
@@ -655,13 +520,30 @@ class TorchT3Backend(T3Backend):
         if torch.device(self.device).type == "cuda":
             torch.cuda.synchronize(self.device)  # the decode thread uses its own stream
         logger.info(
-            f"T3 torch backend ready: {self.max_batch_size} requests x {self.max_seq_len} "
+            f"{type(self).__name__} ready: {self.max_batch_size} requests x {self.max_seq_len} "
             f"tokens, KV cache {decoder.cache.nbytes / 2**20:.0f} MiB"
         )
         return decoder
 
+    def _build_decoder(self) -> SlotDecoder:
+        """Load the weights and tokenizer into this backend's decoder."""
+        model = T3Model.from_safetensors(
+            self.model_dir / "t3_cfg.safetensors",
+            device=self.device,
+            dtype=self.dtype,
+            max_positions=self.max_seq_len,
+        )
+        tokenizer = T3Tokenizer(self.model_dir / "tokenizer.json")
+        return T3BatchDecoder(
+            model,
+            tokenizer,
+            max_batch_size=self.max_batch_size,
+            max_seq_len=self.max_seq_len,
+            kv_bucket=self.kv_bucket,
+        )
+
     def time_step(self, requests: int, kv_len: int = 512, repeats: int = 5) -> float | None:
-        """Seconds one decode step takes for ``requests`` guided requests (CUDA graphs only).
+        """Seconds one decode step takes for ``requests`` requests (CUDA graphs only).
 
         Replays the captured graph on zero inputs, as capturing did; only while no request
         is active (the engine calls it at start, for its capacity calibration).
@@ -672,7 +554,7 @@ class TorchT3Backend(T3Backend):
         decoder = self.decoder
         if decoder is None or not decoder.graph_keys or decoder.active_ids:
             return None
-        rows = min(2 * requests, decoder.n_slots)
+        rows = decoder.decode_rows(requests)
         graph = decoder._graph_for(rows, kv_len)
         if graph is None:
             return None

@@ -19,7 +19,6 @@ bucketed by rows and attended cache length, as the Original's does.
 from __future__ import annotations
 
 import secrets
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,16 @@ from loguru import logger
 from torch import Tensor
 
 from chatterbox_sidecar.engines.chatterbox.t3.backend import T3Request
+from chatterbox_sidecar.engines.chatterbox.t3.model import T3KVCache
 from chatterbox_sidecar.engines.chatterbox.t3.sampling import (
     draw,
     repetition_penalty,
     top_p_filter,
+)
+from chatterbox_sidecar.engines.chatterbox.t3.slots import (
+    ConditioningCache,
+    DecodeGraph,
+    SlotDecoder,
 )
 from chatterbox_sidecar.engines.chatterbox.t3.torch_backend import (
     StepOutput,
@@ -41,7 +46,6 @@ from chatterbox_sidecar.engines.chatterbox.t3.torch_backend import (
 from chatterbox_sidecar.engines.chatterbox.turbo.t3_model import (
     START_SPEECH_TOKEN,
     STOP_SPEECH_TOKEN,
-    TurboKVCache,
     TurboT3Model,
 )
 from chatterbox_sidecar.engines.chatterbox.turbo.text import TurboTokenizer
@@ -95,7 +99,7 @@ class _Active:
     last_token: int = START_SPEECH_TOKEN
 
 
-class TurboT3BatchDecoder:
+class TurboT3BatchDecoder(SlotDecoder):
     """Batched Turbo T3 decoding over a fixed pool of KV-cache slots (one per request).
 
     Args:
@@ -124,74 +128,17 @@ class TurboT3BatchDecoder:
         self.kv_bucket = kv_bucket
         self.n_slots = max_batch_size
         device = model.device
-        self.cache = TurboKVCache(
-            model.config, max_batch_size, self.max_seq_len, device, model.dtype
-        )
+        self.cache = T3KVCache(model.config, max_batch_size, self.max_seq_len, device, model.dtype)
         vocab = model.config.speech_vocab_size
         self._seen = torch.zeros(max_batch_size, vocab, dtype=torch.bool, device=device)
         self._params = torch.ones(len(PARAMS), max_batch_size, device=device)
         self._seeds = torch.zeros(max_batch_size, dtype=torch.long, device=device)
         self._free = list(range(max_batch_size))
         self._active: dict[str, _Active] = {}
-        self._conds: dict[int, tuple[weakref.ref, Tensor]] = {}
-        self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
+        self._conds = ConditioningCache()
+        self._graphs: dict[tuple[int, int], DecodeGraph[Tensor]] = {}
 
     # ---- the interface the decode thread uses
-
-    @property
-    def active_ids(self) -> list[str]:
-        """Ids of the requests being decoded."""
-        return list(self._active)
-
-    @property
-    def free_slots(self) -> int:
-        """KV-cache slots not held by a request."""
-        return len(self._free)
-
-    @property
-    def graph_keys(self) -> list[tuple[int, int]]:
-        """(rows, attended cache length) of each captured decode graph."""
-        return sorted(self._graphs)
-
-    def slots_needed(self, request: T3Request) -> int:
-        """Always one: Turbo has no guidance row."""
-        return 1
-
-    def can_admit(self, request: T3Request) -> bool:
-        """Whether a slot is free."""
-        return bool(self._free)
-
-    def add(self, request: T3Request) -> StepOutput:
-        """Prefill one request and sample its first token (raises what kept it out)."""
-        result = self.add_batch([request])[0]
-        if isinstance(result, BaseException):
-            raise result
-        return result
-
-    def add_batch(self, requests: list[T3Request]) -> list[StepOutput | Exception]:
-        """Prefill several requests in one right-padded pass and sample their first tokens.
-
-        Returns:
-            Per request its first :class:`StepOutput`, or the error that kept it out.
-        """
-        results: list[StepOutput | Exception | None] = [None] * len(requests)
-        admitted: list[tuple[int, _Active, Tensor]] = []
-        for i, request in enumerate(requests):
-            try:
-                admitted.append((i, *self._admit(request)))
-            except Exception as exc:  # noqa: BLE001 - returned to the caller for this request
-                results[i] = exc
-        if admitted:
-            try:
-                outputs = self._prefill([(state, row) for _, state, row in admitted])
-            except Exception as exc:  # noqa: BLE001 - every request of the pass failed
-                for i, state, _ in admitted:
-                    self.remove(state.request.request_id)
-                    results[i] = exc
-            else:
-                for (i, _, _), out in zip(admitted, outputs, strict=True):
-                    results[i] = out
-        return results  # type: ignore[return-value]
 
     def step(self) -> list[StepOutput]:
         """Sample one token for every active request in one backbone pass."""
@@ -240,17 +187,7 @@ class TurboT3BatchDecoder:
         if speaker is None:
             raise ValueError("conditionals have no speaker_emb")
         prompt = get("cond_prompt_speech_tokens")
-        entry = self._conds.get(id(speaker))
-        if entry is not None and entry[0]() is speaker:
-            return entry[1]
-        cond = self.model.conditioning(speaker, prompt)
-        key = id(speaker)
-        try:
-            ref = weakref.ref(speaker, lambda _: self._conds.pop(key, None))
-        except TypeError:  # cannot be weakly referenced: no caching
-            return cond
-        self._conds[key] = (ref, cond)
-        return cond
+        return self._conds.get(speaker, None, lambda: self.model.conditioning(speaker, prompt))
 
     def _admit(self, request: T3Request) -> tuple[_Active, Tensor]:
         if request.request_id in self._active:
@@ -343,63 +280,6 @@ class TurboT3BatchDecoder:
                 self.remove(state.request.request_id)
         return outputs
 
-    # ---- CUDA graphs
-
-    def capture_graphs(self) -> None:
-        """Record the decode step for rows (powers of two) x cache lengths (``kv_bucket``).
-
-        Must run before any request: capturing runs the step on every slot.
-        """
-        if self.model.device.type != "cuda":
-            raise ValueError("CUDA graphs need a CUDA device")
-        if self._active:
-            raise RuntimeError("capture CUDA graphs before any request starts")
-        pool = torch.cuda.graph_pool_handle()
-        sizes, rows = [], 1
-        while rows < self.n_slots:
-            sizes.append(rows)
-            rows *= 2
-        sizes.append(self.n_slots)
-        lengths = list(range(self.kv_bucket, self.max_seq_len, self.kv_bucket))
-        lengths.append(self.max_seq_len)
-        for rows in reversed(sizes):  # largest first: the smaller ones reuse its pool memory
-            for kv_len in reversed(lengths):
-                self._graphs[rows, kv_len] = _DecodeGraph(self, rows, kv_len, pool)
-        logger.info(f"Captured Turbo T3 decode graphs for rows {sizes} x lengths {lengths}")
-
-    def drop_graphs(self) -> None:
-        """Forget captured graphs (decode eagerly)."""
-        self._graphs.clear()
-
-    def _graph_for(self, rows: int, kv_len: int) -> _DecodeGraph | None:
-        fitting = [key for key in self._graphs if key[0] >= rows and key[1] >= kv_len]
-        return self._graphs[min(fitting)] if fitting else None
-
-
-class _DecodeGraph:
-    """One captured decode step for fixed rows and attended cache length (inputs zero-padded)."""
-
-    def __init__(self, decoder: TurboT3BatchDecoder, rows: int, kv_len: int, pool: Any):
-        device = decoder.model.device
-        self._inputs = torch.zeros(3, rows, dtype=torch.long, device=device)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                decoder.decode_and_sample(self._inputs, kv_len)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph, pool=pool):
-            self._tokens = decoder.decode_and_sample(self._inputs, kv_len)
-
-    def run(self, inputs: Tensor) -> Tensor:
-        """Replay for ``inputs`` [3, n], n <= rows: the sampled tokens [n]."""
-        n = inputs.shape[1]
-        self._inputs.zero_()
-        self._inputs[:, :n] = inputs
-        self._graph.replay()
-        return self._tokens[:n]
-
 
 class TurboT3Backend(TorchT3Backend):
     """Turbo's T3 on the ``torch`` backend's decode thread (see :class:`TorchT3Backend`).
@@ -415,7 +295,8 @@ class TurboT3Backend(TorchT3Backend):
         super().__init__(model_dir, **kwargs)
         self.top_k = top_k
 
-    def _load(self) -> TurboT3BatchDecoder:  # type: ignore[override]
+    def _build_decoder(self) -> TurboT3BatchDecoder:
+        """Load Turbo's weights and GPT-2 tokenizer into a Turbo decoder."""
         model = TurboT3Model.from_safetensors(
             self.model_dir / T3_FILE, device=self.device, dtype=self.dtype
         )
@@ -425,7 +306,7 @@ class TurboT3Backend(TorchT3Backend):
                 f"the tokenizer has {len(tokenizer)} tokens, Turbo T3's text table "
                 f"{model.config.text_vocab_size}"
             )
-        decoder = TurboT3BatchDecoder(
+        return TurboT3BatchDecoder(
             model,
             tokenizer,
             max_batch_size=self.max_batch_size,
@@ -433,39 +314,3 @@ class TurboT3Backend(TorchT3Backend):
             top_k=self.top_k,
             kv_bucket=self.kv_bucket,
         )
-        if self.cuda_graphs:
-            try:
-                with torch.inference_mode():
-                    decoder.capture_graphs()
-            except Exception as exc:  # noqa: BLE001 - eager decoding still works
-                logger.warning(f"Turbo T3 CUDA graph capture failed, decoding eagerly: {exc}")
-                decoder.drop_graphs()
-        if torch.device(self.device).type == "cuda":
-            torch.cuda.synchronize(self.device)
-        logger.info(
-            f"Turbo T3 backend ready: {self.max_batch_size} requests x {self.max_seq_len} "
-            f"tokens, KV cache {decoder.cache.nbytes / 2**20:.0f} MiB"
-        )
-        return decoder
-
-    def time_step(self, requests: int, kv_len: int = 512, repeats: int = 5) -> float | None:
-        """Seconds one decode step takes for ``requests`` requests (CUDA graphs only)."""
-        import time
-
-        decoder = self.decoder
-        if decoder is None or not decoder.graph_keys or decoder.active_ids:
-            return None
-        rows = min(requests, decoder.n_slots)
-        graph = decoder._graph_for(rows, kv_len)
-        if graph is None:
-            return None
-        device = decoder.model.device
-        inputs = torch.zeros(3, rows, dtype=torch.long, device=device)
-        times = []
-        with torch.inference_mode():
-            for _ in range(repeats + 1):
-                started = time.perf_counter()
-                graph.run(inputs)
-                torch.cuda.synchronize(device)
-                times.append(time.perf_counter() - started)
-        return sorted(times[1:])[len(times[1:]) // 2]

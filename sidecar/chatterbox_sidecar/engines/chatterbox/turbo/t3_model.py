@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from loguru import logger
 from torch import Tensor, nn
 
+from chatterbox_sidecar.engines.chatterbox.t3.model import AttnContext, T3KVCache, cached_attention
+
 START_SPEECH_TOKEN = 6561
 STOP_SPEECH_TOKEN = 6562
 SPEECH_VOCAB_VALID = 6561
@@ -68,6 +70,16 @@ class TurboT3Config:
     speaker_embed_size: int = 256
     layer_norm_eps: float = 1e-5
 
+    @property
+    def n_kv_heads(self) -> int:
+        """Key/value heads (as many as query heads: GPT-2 has no grouped attention)."""
+        return self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        """Width of an attention head."""
+        return HEAD_DIM
+
     @classmethod
     def from_shapes(cls, shapes: Mapping[str, tuple[int, ...]]) -> TurboT3Config:
         """Infer the configuration from checkpoint tensor shapes.
@@ -105,41 +117,6 @@ class TurboT3Config:
         )
 
 
-class TurboKVCache:
-    """Static key/value storage ``[layers, slots, heads, max_len, 64]``, one slot a request."""
-
-    def __init__(
-        self,
-        config: TurboT3Config,
-        n_slots: int,
-        max_len: int,
-        device: torch.device | str,
-        dtype: torch.dtype,
-    ):
-        shape = (config.n_layers, n_slots, config.n_heads, max_len, HEAD_DIM)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.n_slots = n_slots
-        self.max_len = max_len
-
-    @property
-    def nbytes(self) -> int:
-        """Memory held by the cache."""
-        return self.k.numel() * self.k.element_size() * 2
-
-
-@dataclass
-class _Pass:
-    """How attention reads and writes keys/values in one backbone pass."""
-
-    mode: str  # "full", "prefill" or "decode"
-    cache: TurboKVCache | None = None
-    slots: Tensor | None = None  # prefill: [B] slot of each row
-    positions: Tensor | None = None  # decode: [R] write position of each row
-    mask: Tensor | None = None  # decode: [R, 1, 1, kv_len] attendable keys
-    kv_len: int = 0
-
-
 class Conv1D(nn.Module):
     """GPT-2's linear layer: ``x @ weight + bias`` with ``weight`` stored ``[in, out]``."""
 
@@ -166,31 +143,14 @@ class GPT2Attention(nn.Module):
         self.c_attn = Conv1D(dim, 3 * dim)
         self.c_proj = Conv1D(dim, dim)
 
-    def forward(self, x: Tensor, ctx: _Pass) -> Tensor:
+    def forward(self, x: Tensor, ctx: AttnContext) -> Tensor:
         """Attend over ``x`` [B, L, D]."""
         b, n, d = x.shape
         q, k, v = self.c_attn(x).split(d, dim=-1)
         q = q.view(b, n, self.n_heads, HEAD_DIM).transpose(1, 2)
         k = k.view(b, n, self.n_heads, HEAD_DIM).transpose(1, 2)
         v = v.view(b, n, self.n_heads, HEAD_DIM).transpose(1, 2)
-        if ctx.mode == "decode":
-            assert ctx.cache is not None and ctx.positions is not None
-            rows = torch.arange(b, device=x.device)
-            k_cache, v_cache = ctx.cache.k[self.layer_idx], ctx.cache.v[self.layer_idx]
-            k_cache[rows, :, ctx.positions] = k[:, :, 0]
-            v_cache[rows, :, ctx.positions] = v[:, :, 0]
-            out = F.scaled_dot_product_attention(
-                q,
-                k_cache[:b, :, : ctx.kv_len],
-                v_cache[:b, :, : ctx.kv_len],
-                attn_mask=ctx.mask,
-            )
-        else:
-            if ctx.mode == "prefill":
-                assert ctx.cache is not None and ctx.slots is not None
-                ctx.cache.k[self.layer_idx][ctx.slots, :, :n] = k
-                ctx.cache.v[self.layer_idx][ctx.slots, :, :n] = v
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = cached_attention(q, k, v, ctx, self.layer_idx)
         return self.c_proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -217,7 +177,7 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = GPT2MLP(config)
 
-    def forward(self, x: Tensor, ctx: _Pass) -> Tensor:
+    def forward(self, x: Tensor, ctx: AttnContext) -> Tensor:
         """Run the block on ``x`` [B, L, D]."""
         x = x + self.attn(self.ln_1(x), ctx)
         return x + self.mlp(self.ln_2(x))
@@ -232,7 +192,7 @@ class GPT2Backbone(nn.Module):
         self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, embeds: Tensor, positions: Tensor, ctx: _Pass) -> Tensor:
+    def forward(self, embeds: Tensor, positions: Tensor, ctx: AttnContext) -> Tensor:
         """Add positions to ``embeds`` [B, L, D] (``positions`` [B, L]) and run the stack."""
         x = embeds + self.wpe(positions)
         for block in self.h:
@@ -369,10 +329,10 @@ class TurboT3Model(nn.Module):
         b, n, _ = embeds.shape
         self._check_length(n)
         positions = torch.arange(n, device=embeds.device).expand(b, n)
-        return self.tfmr(embeds.to(self.dtype), positions, _Pass("full"))
+        return self.tfmr(embeds.to(self.dtype), positions, AttnContext("full"))
 
     def prefill(
-        self, embeds: Tensor, cache: TurboKVCache, slots: Tensor, lengths: Tensor | None = None
+        self, embeds: Tensor, cache: T3KVCache, slots: Tensor, lengths: Tensor | None = None
     ) -> Tensor:
         """Run right-padded prompts [B, L, D], store their keys/values in ``slots``.
 
@@ -382,13 +342,13 @@ class TurboT3Model(nn.Module):
         b, n, _ = embeds.shape
         self._check_length(n)
         positions = torch.arange(n, device=embeds.device).expand(b, n)
-        ctx = _Pass("prefill", cache=cache, slots=slots)
+        ctx = AttnContext("prefill", cache=cache, slots=slots)
         hidden = self.tfmr(embeds.to(self.dtype), positions, ctx)
         if lengths is None:
             return hidden[:, -1]
         return hidden[torch.arange(b, device=hidden.device), lengths - 1]
 
-    def decode(self, embeds: Tensor, positions: Tensor, cache: TurboKVCache, kv_len: int) -> Tensor:
+    def decode(self, embeds: Tensor, positions: Tensor, cache: T3KVCache, kv_len: int) -> Tensor:
         """One token for each of the first ``R`` cache slots (row ``i`` is slot ``i``).
 
         Args:
@@ -402,7 +362,7 @@ class TurboT3Model(nn.Module):
         """
         keys = torch.arange(kv_len, device=positions.device)
         mask = (keys[None, :] <= positions[:, None])[:, None, None, :]
-        ctx = _Pass("decode", cache=cache, positions=positions, mask=mask, kv_len=kv_len)
+        ctx = AttnContext("decode", cache=cache, positions=positions, mask=mask, kv_len=kv_len)
         return self.tfmr(embeds[:, None].to(self.dtype), positions[:, None], ctx)[:, 0]
 
 
