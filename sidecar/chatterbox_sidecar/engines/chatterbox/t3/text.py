@@ -29,7 +29,7 @@ _SENTENCE_ENDS = (".", "!", "?", "-", ",")
 EMPTY_TEXT = "You need to add some text for me to talk."
 
 
-def punc_norm(text: str) -> str:
+def punc_norm(text: str, replacements: tuple[tuple[str, str], ...] = _REPLACEMENTS) -> str:
     """Clean punctuation the way upstream Chatterbox does before tokenising.
 
     Capitalises the first letter, collapses whitespace, maps rare punctuation to what the model
@@ -38,6 +38,7 @@ def punc_norm(text: str) -> str:
 
     Args:
         text: Text of one segment.
+        replacements: The punctuation mapping, in order (Turbo keeps some of the Original's).
 
     Returns:
         The cleaned text.
@@ -47,7 +48,7 @@ def punc_norm(text: str) -> str:
     if text[0].islower():
         text = text[0].upper() + text[1:]
     text = " ".join(text.split())
-    for old, new in _REPLACEMENTS:
+    for old, new in replacements:
         text = text.replace(old, new)
     text = text.rstrip(" ")
     if not text.endswith(_SENTENCE_ENDS):

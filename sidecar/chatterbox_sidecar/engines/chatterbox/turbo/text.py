@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from chatterbox_sidecar.engines.chatterbox.t3.text import punc_norm
+
 _REPLACEMENTS = (
     ("…", ", "),
     (":", ","),
@@ -24,29 +26,17 @@ _REPLACEMENTS = (
     ("‘", "'"),
     ("’", "'"),
 )
-_SENTENCE_ENDS = (".", "!", "?", "-", ",")
-EMPTY_TEXT = "You need to add some text for me to talk."
 #: Text ids GPT-2's tokenizer config truncates to (upstream tokenizes with truncation).
 DEFAULT_MAX_TEXT_TOKENS = 1024
 
 
 def turbo_punc_norm(text: str) -> str:
-    """Clean punctuation as upstream's Turbo does (it keeps ``...``, ``;`` and `` - ``).
+    """Clean punctuation as upstream's Turbo does.
 
-    Capitalises the first letter, collapses whitespace, maps rare punctuation and ends the text
-    with punctuation. Blank text becomes upstream's stock sentence.
+    The Original's clean-up (:func:`~..t3.text.punc_norm`), except that it keeps ``...``, ``;``
+    and `` - ``.
     """
-    if not text.strip():
-        return EMPTY_TEXT
-    if text[0].islower():
-        text = text[0].upper() + text[1:]
-    text = " ".join(text.split())
-    for old, new in _REPLACEMENTS:
-        text = text.replace(old, new)
-    text = text.rstrip(" ")
-    if not text.endswith(_SENTENCE_ENDS):
-        text += "."
-    return text
+    return punc_norm(text, _REPLACEMENTS)
 
 
 class TurboTokenizer:
