@@ -450,6 +450,51 @@ class SpeechContext:
             self._sender.cancel()
 
 
+# Replies that answer each voice request.
+REPLY_TYPES = {
+    "register_voice": "voice_registered",
+    "delete_voice": "voice_deleted",
+    "list_voices": "voices",
+}
+
+
+def answer_voice_request(
+    pending: list[tuple[dict[str, Any], asyncio.Future]],
+    message: dict[str, Any],
+    error: BaseException | None,
+) -> bool:
+    """Resolve the pending voice request that a reply (or an ``error``) answers.
+
+    The sidecar runs voice operations concurrently, so replies are matched by kind and voice
+    id rather than by order; an error answers the first request for its voice (any request
+    when it names none). The request is removed from ``pending``.
+
+    Args:
+        pending: (request message, future) of each request waiting, oldest first.
+        message: The reply.
+        error: The error the reply carries, or None.
+
+    Returns:
+        Whether a waiting request took the reply.
+    """
+    voice_id = message.get("voice_id")
+    for i, (request, future) in enumerate(pending):
+        same_voice = voice_id is None or request.get("voice_id") == voice_id
+        if error is None:
+            matches = same_voice and REPLY_TYPES.get(request["type"]) == message.get("type")
+        else:
+            matches = same_voice
+        if matches:
+            del pending[i]
+            if not future.done():
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(message)
+            return True
+    return False
+
+
 class ChatterboxClient:
     """An asyncio client for one chatterbox sidecar, over one websocket.
 
@@ -675,24 +720,7 @@ class ChatterboxClient:
         ctx._finish(message, error)
 
     def _answer_voice_request(self, message: dict[str, Any], error: ChatterboxError | None):
-        # The sidecar runs voice operations concurrently: match replies by kind and voice id.
-        replies = {"register_voice": "voice_registered", "delete_voice": "voice_deleted"}
-        voice_id = message.get("voice_id")
-        for i, (request, future) in enumerate(self._voice_requests):
-            same_voice = voice_id is None or request.get("voice_id") == voice_id
-            if error is None:
-                matches = same_voice and replies.get(request["type"], "voices") == message["type"]
-            else:
-                matches = same_voice
-            if matches:
-                del self._voice_requests[i]
-                if not future.done():
-                    if error is not None:
-                        future.set_exception(error)
-                    else:
-                        future.set_result(message)
-                return
-        if error is not None:
+        if not answer_voice_request(self._voice_requests, message, error) and error is not None:
             logger.warning(f"{self}: sidecar error answering no request: {error}")
 
     def _fail_pending(self, error: ChatterboxError) -> None:

@@ -45,7 +45,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.protocol import State
 
 from pipecat_chatterbox import voices
-from pipecat_chatterbox.client import ConnectionLostError
+from pipecat_chatterbox.client import ConnectionLostError, answer_voice_request
 from pipecat_chatterbox.errors import UNAUTHORIZED, SidecarError, auth_headers, category_for_code
 from pipecat_chatterbox.retry import BusyBackoff, retryable_refusal
 
@@ -1010,29 +1010,9 @@ class ChatterboxTTSService(WebsocketTTSService):
         await super()._record_context_audio_outcome(context_id, received_audio)
 
     def _answer_voice_request(self, msg: dict[str, Any], error: SidecarError | None):
-        """Resolve the pending voice request a reply answers.
-
-        The sidecar runs voice operations concurrently, so replies are matched by kind and
-        voice id rather than by order.
-        """
-        reply_type = msg.get("type")
-        voice_id = msg.get("voice_id")
-        for i, (request, future) in enumerate(self._voice_requests):
-            if error is not None:
-                matches = voice_id is None or request.get("voice_id") == voice_id
-            else:
-                matches = voices.REPLY_TYPES[request["type"]] == reply_type and (
-                    voice_id is None or request.get("voice_id") == voice_id
-                )
-            if matches:
-                del self._voice_requests[i]
-                if not future.done():
-                    if error is not None:
-                        future.set_exception(error)
-                    else:
-                        future.set_result(msg)
-                return
-        logger.debug(f"{self}: no voice request waits for this {reply_type} message")
+        """Resolve the pending voice request a reply answers (see ``answer_voice_request``)."""
+        if not answer_voice_request(self._voice_requests, msg, error):
+            logger.debug(f"{self}: no voice request waits for this {msg.get('type')} message")
 
     #
     # Voices

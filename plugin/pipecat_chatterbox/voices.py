@@ -22,6 +22,7 @@ from typing import Any
 
 from pipecat_chatterbox.client import (
     DEFAULT_URL,
+    REPLY_TYPES,
     ChatterboxClient,
     error_from_message,
 )
@@ -36,13 +37,6 @@ __all__ = [
     "reply_error",
     "send_voice_request",
 ]
-
-# Replies that answer each voice request.
-REPLY_TYPES = {
-    "register_voice": "voice_registered",
-    "delete_voice": "voice_deleted",
-    "list_voices": "voices",
-}
 
 
 async def build_register_voice_message(voice_id: str, wav_path: str | Path) -> dict[str, Any]:
