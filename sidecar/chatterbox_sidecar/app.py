@@ -265,6 +265,24 @@ class App:
         usable = self.engine.info.can_clone
         return [builtin] + [{**v.describe(), "usable": usable} for v in self.voices.list()]
 
+    def synthesis_params(
+        self, msg: protocol.Synthesize, context_id: str, streaming: bool
+    ) -> SynthesisParams:
+        """The engine's parameters for a ``synthesize`` request (websocket or HTTP).
+
+        Word timestamps are on when the request asks and the engine can align.
+        """
+        return SynthesisParams(
+            voice_id=msg.voice_id,
+            exaggeration=msg.exaggeration,
+            cfg_weight=msg.cfg_weight,
+            temperature=msg.temperature,
+            seed=msg.seed,
+            streaming=streaming,
+            context_id=context_id,
+            word_timestamps=msg.word_timestamps and self.engine.info.word_timestamps,
+        )
+
     def resolve_voice(self, voice_id: str, context_id: str | None = None) -> Voice | None:
         """Find the voice a request names.
 

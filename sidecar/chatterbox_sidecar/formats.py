@@ -50,6 +50,12 @@ class AudioFormat:
     bitrate_mode: str | None = None
     compression_level: float | None = None
 
+    def rate_error(self, rate: int) -> str | None:
+        """Returns: why this codec cannot take ``rate``, or None if it can."""
+        if self.rates is None or rate in self.rates:
+            return None
+        return f"{self.name} takes sample rates {', '.join(str(r) for r in sorted(self.rates))}"
+
     def sf_options(self) -> dict:
         """Returns: the keyword arguments that open a libsndfile file of this format."""
         return {

@@ -29,7 +29,7 @@ from loguru import logger
 from chatterbox_sidecar import openai_api, protocol
 from chatterbox_sidecar.app import App
 from chatterbox_sidecar.audio import StreamEncoder, resample
-from chatterbox_sidecar.engines.base import EngineError, SynthesisParams
+from chatterbox_sidecar.engines.base import EngineError
 from chatterbox_sidecar.formats import FORMATS, AudioFormat, StreamWriter, encode_file
 from chatterbox_sidecar.protocol import Fields, HttpError, ProtocolError
 
@@ -224,23 +224,10 @@ class HttpApi:
                 f"text exceeds {app.config.max_text_chars} characters",
                 "input" if is_openai_path(request.path) else "text",
             )
-        if fmt.rates is not None and msg.sample_rate not in fmt.rates:
-            raise HttpError(
-                400,
-                "invalid_request",
-                f"{fmt.name} takes sample rates {', '.join(str(r) for r in sorted(fmt.rates))}",
-                "sample_rate",
-            )
+        if (rate_error := fmt.rate_error(msg.sample_rate)) is not None:
+            raise HttpError(400, "invalid_request", rate_error, "sample_rate")
         context_id = f"http-{uuid.uuid4().hex[:8]}"
-        params = SynthesisParams(
-            voice_id=msg.voice_id,
-            exaggeration=msg.exaggeration,
-            cfg_weight=msg.cfg_weight,
-            temperature=msg.temperature,
-            seed=msg.seed,
-            streaming=stream,
-            context_id=context_id,
-        )
+        params = app.synthesis_params(msg, context_id, stream)
         headers = {"X-Sample-Rate": str(msg.sample_rate), "X-Audio-Format": fmt.name}
         if fmt.name in ("wav", "pcm"):
             headers["X-Encoding"] = msg.encoding

@@ -124,13 +124,8 @@ def parse_speech(
         synthesize = protocol.parse_synthesis_fields(body)
     except ProtocolError as e:
         raise HttpError(400, e.code, e.message, _param_of(e.message)) from None
-    if fmt.rates is not None and synthesize.sample_rate not in fmt.rates:
-        raise HttpError(
-            400,
-            "invalid_request",
-            f"{fmt.name} takes sample rates {', '.join(str(r) for r in sorted(fmt.rates))}",
-            "sample_rate",
-        )
+    if (rate_error := fmt.rate_error(synthesize.sample_rate)) is not None:
+        raise HttpError(400, "invalid_request", rate_error, "sample_rate")
     return SpeechRequest(synthesize, voice_id, fmt, stream_format, stream)
 
 

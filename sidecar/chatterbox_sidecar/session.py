@@ -415,16 +415,7 @@ class Session:
                 raise _too_long(context_id, app.config.max_text_chars)
             voice = app.resolve_voice(msg.voice_id, context_id)
             streaming = app.config.streaming if msg.streaming is None else msg.streaming
-            params = SynthesisParams(
-                voice_id=msg.voice_id,
-                exaggeration=msg.exaggeration,
-                cfg_weight=msg.cfg_weight,
-                temperature=msg.temperature,
-                seed=msg.seed,
-                streaming=streaming,
-                context_id=context_id,
-                word_timestamps=msg.word_timestamps and app.engine.info.word_timestamps,
-            )
+            params = app.synthesis_params(msg, context_id, streaming)
             ctx = Context(context_id, msg, params, voice, app)
             self._contexts[context_id] = ctx
             app.contexts.add(ctx)
