@@ -38,17 +38,28 @@ def load_s3gen(path: Path, device: str | torch.device = "cpu", dtype=torch.float
 
     started = time.monotonic()
     model = S3Gen()
-    state = load_file(str(path))
+    load_s3gen_state(model, load_file(str(path)), path, "an S3Gen")
+    model = model.to(device=device, dtype=dtype).eval()
+    logger.info(f"S3Gen loaded from {path} in {time.monotonic() - started:.1f} s")
+    return model
+
+
+def load_s3gen_state(model: torch.nn.Module, state: dict, path: Path, kind: str) -> None:
+    """Load a checkpoint's tensors into an S3Gen, all of them and nothing else.
+
+    The S3 tokenizer's buffers (mel filters, window) are built by the model, not stored.
+
+    Raises:
+        ValueError: ``"{path}: not {kind} checkpoint (...)"`` when parameters are missing or
+            unknown.
+    """
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if k not in TOKENIZER_BUFFERS]
     if missing or result.unexpected_keys:
         raise ValueError(
-            f"{path}: not an S3Gen checkpoint (missing {missing[:5]}, "
+            f"{path}: not {kind} checkpoint (missing {missing[:5]}, "
             f"unexpected {result.unexpected_keys[:5]})"
         )
-    model = model.to(device=device, dtype=dtype).eval()
-    logger.info(f"S3Gen loaded from {path} in {time.monotonic() - started:.1f} s")
-    return model
 
 
 def load_voice_encoder(path: Path, device: str | torch.device = "cpu"):

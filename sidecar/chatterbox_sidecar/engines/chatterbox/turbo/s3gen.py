@@ -23,7 +23,7 @@ import torch
 from loguru import logger
 from torch import nn
 
-from chatterbox_sidecar.engines.chatterbox.s3gen.loader import TOKENIZER_BUFFERS
+from chatterbox_sidecar.engines.chatterbox.s3gen.loader import load_s3gen_state
 
 S3GEN_MEANFLOW_FILE = "s3gen_meanflow.safetensors"
 MIXER_KEY = "flow.decoder.estimator.time_embed_mixer.weight"
@@ -76,13 +76,7 @@ def load_meanflow_s3gen(path: Path, device: str | torch.device = "cpu", dtype=to
     state = load_file(str(path))
     if MIXER_KEY not in state:
         raise ValueError(f"{path}: not a meanflow S3Gen checkpoint (no {MIXER_KEY})")
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if k not in TOKENIZER_BUFFERS]
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"{path}: not a meanflow S3Gen checkpoint (missing {missing[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]})"
-        )
+    load_s3gen_state(model, state, path, "a meanflow S3Gen")
     estimator.time_mlp = MeanflowTime(estimator.time_mlp, estimator.time_embed_mixer)
     estimator.meanflow = True
     model = model.to(device=device, dtype=dtype).eval()
