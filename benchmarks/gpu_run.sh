@@ -89,6 +89,14 @@ case "$step" in
       --sections server --server-levels 16,64 --server-seconds 30 --server-timeout 140 \
       --server-runs "baseline=$PWD/baseline/sidecar"
     ;;
+  multi)  # issue 15 on nvidia-h200-x2: CUDA tests (T3, Turbo), then start_multi_gpu.sh measured
+    # one GPU against the fleet through HAProxy (.haproxy/: Debian's haproxy with its libraries)
+    run 150 tests python3 -m pytest -q -p no:cacheprovider tests/chatterbox/test_t3_cuda.py \
+      tests/chatterbox/test_turbo_cuda.py
+    run 430 multi python3 benchmarks/multi_gpu_bench.py --haproxy "$PWD/.haproxy/haproxy.sh" \
+      --out "$OUT/multi.json" "$@"
+    cp -r "$OUT/multi/logs" "$OUT/sidecar_logs" 2>/dev/null
+    ;;
   *)
     echo "unknown step $step (profile or table)" >&2
     exit 2
