@@ -97,6 +97,16 @@ case "$step" in
       --out "$OUT/multi.json" "$@"
     cp -r "$OUT/multi/logs" "$OUT/sidecar_logs" 2>/dev/null
     ;;
+  models)  # issue 16: Turbo beside the Original through the websocket, same run and client
+    run 570 models python3 benchmarks/model_bench.py --levels 1,4,16 --seconds 25 \
+      --out "$OUT/models.json" "$@"
+    ;;
+  voices)  # issue 13: registration under a 16-stream load, Python's GIL switch interval 5 vs 0.5 ms
+    run 230 voice_bench python3 benchmarks/voice_bench.py --streams 16 --seconds 30 \
+      --voices 10 --out "$OUT/voice_bench.json"
+    run 230 voice_bench_gil python3 benchmarks/voice_bench.py --streams 16 --seconds 30 \
+      --voices 10 --env TTS_GIL_SWITCH_MS=0.5 --name _gil05 --out "$OUT/voice_bench_gil05.json"
+    ;;
   *)
     echo "unknown step $step (profile or table)" >&2
     exit 2

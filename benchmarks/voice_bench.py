@@ -105,8 +105,9 @@ async def run(args) -> dict:
         "TTS_ENGINE_CONCURRENCY": "64",
         "TTS_MAX_STREAMS": "64",
         "TTS_LOG_LEVEL": "INFO",
+        **dict(item.split("=", 1) for item in args.env),
     }
-    workdir = out_dir / "sidecar_voice_bench"
+    workdir = out_dir / f"sidecar_voice_bench{args.name}"
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     sidecar = SidecarProcess(workdir, env).start(300)
@@ -115,11 +116,13 @@ async def run(args) -> dict:
         async with ChatterboxClient(sidecar.url) as client:
             for _ in range(3):  # warm-up
                 await utterance(client, AGENT_SENTENCES[0], None)
-            plain = load(sidecar.url, args.streams, args.seconds, out_dir / "voice_load_plain.json")
+            plain_raw = out_dir / f"voice_load_plain{args.name}.json"
+            reg_raw = out_dir / f"voice_load_reg{args.name}.json"
+            plain = load(sidecar.url, args.streams, args.seconds, plain_raw)
             await asyncio.to_thread(plain.wait)
-            result["load_without_registrations"] = level_of(out_dir / "voice_load_plain.json")
+            result["load_without_registrations"] = level_of(plain_raw)
             await asyncio.sleep(2)
-            loaded = load(sidecar.url, args.streams, args.seconds, out_dir / "voice_load_reg.json")
+            loaded = load(sidecar.url, args.streams, args.seconds, reg_raw)
             await asyncio.sleep(3)
             lengths = np.linspace(3, 30, args.voices)
             registrations = []
@@ -132,7 +135,7 @@ async def run(args) -> dict:
                 print(f"voice bench{i} ({seconds:.1f} s): registered in {took:.3f} s", flush=True)
                 await asyncio.sleep(max(0.0, args.register_every - took))
             await asyncio.to_thread(loaded.wait)
-            result["load_with_registrations"] = level_of(out_dir / "voice_load_reg.json")
+            result["load_with_registrations"] = level_of(reg_raw)
             times = [r["seconds"] for r in registrations]
             result["registration"] = {
                 "p50_s": pct(times, 50),
@@ -170,9 +173,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cpu: check the script, tiny model")
     parser.add_argument("--flow-steps", type=int, default=10)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the sidecar")
+    parser.add_argument("--name", default="", help="suffix of the raw files (several runs)")
     args = parser.parse_args()
     result = asyncio.run(run(args))
     result["command"] = " ".join(sys.argv)
+    result["env"] = args.env
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "first_utterance"}, indent=1))
     print(json.dumps({k: v for k, v in result["first_utterance"].items() if k != "raw"}))
