@@ -281,7 +281,9 @@ class MultilingualTokenizer:
         Raises:
             ValueError: For a language this tokenizer does not offer.
         """
-        ids = self._tokenizer.encode(self.prepare(text, language or "en")).ids
+        language = language or "en"
+        ids = self._tokenizer.encode(self.prepare(text, language)).ids
+        logger.debug(f"T3 text: [{language}] is id {ids[0]}, {len(ids) + 2} text tokens")
         return [START_TEXT_TOKEN, *ids, STOP_TEXT_TOKEN]
 
     def decode(self, ids: list[int]) -> str:
