@@ -12,6 +12,9 @@ extras="cpu"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   extras="cpu,gpu"
 fi
+if [ "${TTS_MODEL:-}" = "chatterbox-multilingual" ]; then
+  extras="$extras,multilingual"  # Japanese kana and Chinese word segmentation
+fi
 stamp=$(venv_stamp "$extras" pyproject.toml)
 # scripts/test.sh installs a superset of the cpu extra.
 test_stamp=$(venv_stamp test pyproject.toml scripts/test.sh scripts/_venv.sh)

@@ -12,19 +12,26 @@ from pipecat_chatterbox.errors import SidecarError
 from pipecat_chatterbox.voices import delete_voice, list_voices, register_voice
 
 if TYPE_CHECKING:
-    from pipecat_chatterbox.tts import ChatterboxTTSService, ChatterboxTTSSettings
+    from pipecat_chatterbox.tts import (
+        ChatterboxTTSService,
+        ChatterboxTTSSettings,
+        language_to_chatterbox_language,
+    )
 
 __all__ = [
     "ChatterboxTTSService",
     "ChatterboxTTSSettings",
     "SidecarError",
     "delete_voice",
+    "language_to_chatterbox_language",
     "list_voices",
     "register_voice",
 ]
 
 # Imported on first use, so that the voice helpers do not need pipecat-ai.
-_SERVICE_NAMES = frozenset({"ChatterboxTTSService", "ChatterboxTTSSettings"})
+_SERVICE_NAMES = frozenset(
+    {"ChatterboxTTSService", "ChatterboxTTSSettings", "language_to_chatterbox_language"}
+)
 
 
 def __getattr__(name: str) -> Any:

@@ -38,6 +38,7 @@ from pipecat.frames.frames import ErrorFrame, Frame, TTSAudioRawFrame, TTSStoppe
 from pipecat.processors.frame_processor import FrameProcessorSetup
 from pipecat.services.settings import TTSSettings
 from pipecat.services.tts_service import TextAggregationMode, WebsocketTTSService
+from pipecat.transcriptions.language import Language, resolve_language
 from pipecat.utils.errors import ErrorCategory, classify_http_status_code
 from pipecat.utils.tracing.service_decorators import traced_tts
 from pipecat.utils.types import NOT_GIVEN, NotGiven
@@ -55,7 +56,42 @@ DEFAULT_URL = voices.DEFAULT_URL
 ENCODING = "pcm_s16le"
 
 # Settings that the sidecar applies per context: changing one mid-turn starts a new context.
-_CONTEXT_SETTINGS = frozenset({"voice", "exaggeration", "cfg_weight", "temperature"})
+_CONTEXT_SETTINGS = frozenset({"voice", "exaggeration", "cfg_weight", "temperature", "language"})
+
+# The languages of Chatterbox Multilingual (the sidecar's ``ready`` lists what it speaks).
+CHATTERBOX_LANGUAGES = (
+    "ar", "da", "de", "el", "en", "es", "fi", "fr", "he", "hi", "it", "ja",
+    "ko", "ms", "nl", "no", "pl", "pt", "ru", "sv", "sw", "tr", "zh",
+)  # fmt: skip
+# Every Pipecat language (regional ones too) that one of those codes speaks; Norwegian Bokmål
+# and Nynorsk are the model's Norwegian, Mandarin its Chinese.
+_LANGUAGE_MAP: dict[Language, str] = {
+    language: base
+    for language in Language
+    if (base := language.value.split("-")[0].lower()) in CHATTERBOX_LANGUAGES
+} | {
+    Language.NB: "no",
+    Language.NB_NO: "no",
+    Language.NN: "no",
+    Language.NN_NO: "no",
+    Language.CMN: "zh",
+    Language.CMN_CN: "zh",
+}
+
+
+def language_to_chatterbox_language(language: Language) -> str:
+    """Convert a Pipecat ``Language`` to the sidecar's ISO 639-1 code.
+
+    Args:
+        language: The language (a regional one, such as ``Language.ES_MX``, too).
+
+    Returns:
+        The code sent as ``synthesize``'s ``language`` (``es``). A language Chatterbox does
+        not speak falls back to its base code with a warning (``resolve_language``); the
+        sidecar then ends the context with ``unsupported``.
+    """
+    return resolve_language(language, _LANGUAGE_MAP, use_base_code=True)
+
 
 # Contexts ended recently, remembered so a late flush or cancel for them sends nothing.
 _ENDED_MEMORY = 64
@@ -101,6 +137,10 @@ class ChatterboxTTSSettings(TTSSettings):
             useful; 0.5 is neutral).
         cfg_weight: Classifier-free guidance weight (lower is slower, more deliberate).
         temperature: Sampling temperature.
+        language: The language spoken (inherited from ``TTSSettings``): a Pipecat
+            ``Language``, converted with :func:`language_to_chatterbox_language`; None leaves
+            it to the sidecar (its model's default, ``en``). Only
+            ``TTS_MODEL=chatterbox-multilingual`` speaks other languages than English.
     """
 
     exaggeration: float | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
@@ -120,8 +160,11 @@ class ChatterboxTTSService(WebsocketTTSService):
 
     Audio comes back as ``pcm_s16le`` at the pipeline's output rate (``audio_out_sample_rate``),
     so an 8 kHz phone pipeline gets 8 kHz audio with no resampling in the plugin.
-    ``TTSUpdateSettingsFrame(delta=ChatterboxTTSService.Settings(...))`` changes the voice or
-    the style at run time; the next sentence goes to a new sidecar context that uses it.
+    ``TTSUpdateSettingsFrame(delta=ChatterboxTTSService.Settings(...))`` changes the voice,
+    the style or the language at run time; the next sentence goes to a new sidecar context that
+    uses it. A sidecar serving ``chatterbox-multilingual`` speaks 23 languages:
+    ``Settings(language=Language.ES)`` sends ``language: "es"`` with each context, as Cartesia's
+    service does.
 
     Behind a load balancer (``deploy/haproxy``), ``url`` is the balancer's. A lost connection
     (a sidecar died or drained) is reconnected through it by Pipecat's reconnect
@@ -175,7 +218,8 @@ class ChatterboxTTSService(WebsocketTTSService):
                 conversation keeps only the words heard before an interruption. False: one
                 ``TTSTextFrame`` per sentence, pushed as its audio starts.
             settings: Runtime-updatable settings; fields given here override the defaults
-                (voice ``default``, exaggeration 0.5, cfg_weight 0.5, temperature 0.8).
+                (voice ``default``, exaggeration 0.5, cfg_weight 0.5, temperature 0.8,
+                language None: the sidecar's default).
             text_aggregation_mode: ``TextAggregationMode.SENTENCE`` (default) sends whole
                 sentences; ``TextAggregationMode.TOKEN`` streams LLM tokens into the same
                 context and lets the sidecar split them.
@@ -249,6 +293,17 @@ class ChatterboxTTSService(WebsocketTTSService):
         # Contexts whose ``started`` said the sidecar sends no word timings: the audio seconds
         # received for each.
         self._untimed_audio_s: dict[str, float] = {}
+
+    def language_to_service_language(self, language: Language) -> str | None:
+        """Convert a Pipecat ``Language`` to the sidecar's code.
+
+        Args:
+            language: The language to convert.
+
+        Returns:
+            Its ISO 639-1 code (see :func:`language_to_chatterbox_language`).
+        """
+        return language_to_chatterbox_language(language)
 
     def can_generate_metrics(self) -> bool:
         """Check if this service can generate processing metrics.
@@ -601,6 +656,8 @@ class ChatterboxTTSService(WebsocketTTSService):
                 msg[name] = value
         if self._seed is not None:
             msg["seed"] = self._seed
+        if self._settings.language:
+            msg["language"] = str(self._settings.language)
         return msg
 
     def _piece_for_context(self, text: str, context_id: str) -> str:

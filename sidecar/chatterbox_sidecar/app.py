@@ -6,6 +6,7 @@ Connections (websocket sessions and HTTP routes) reach the engine and the voices
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing, contextmanager
@@ -182,6 +183,7 @@ class App:
             "engine": info.name,
             "model": info.model,
             "languages": list(info.languages),
+            "default_language": info.default_language,
             "parameters": list(info.parameters),
             "tags": list(info.tags),
             "version": __version__,
@@ -270,7 +272,11 @@ class App:
     ) -> SynthesisParams:
         """The engine's parameters for a ``synthesize`` request (websocket or HTTP).
 
-        Word timestamps are on when the request asks and the engine can align.
+        Word timestamps are on when the request asks and the engine can align. The language is
+        the request's, else the model's default (``en`` where it has it).
+
+        Raises:
+            ProtocolError: ``unsupported`` for a language the engine's model does not speak.
         """
         return SynthesisParams(
             voice_id=msg.voice_id,
@@ -281,7 +287,36 @@ class App:
             streaming=streaming,
             context_id=context_id,
             word_timestamps=msg.word_timestamps and self.engine.info.word_timestamps,
+            language=self.resolve_language(msg.language, context_id),
         )
+
+    def resolve_language(self, language: str | None, context_id: str | None = None) -> str:
+        """The language a request speaks in: its own, checked, or the model's default.
+
+        Args:
+            language: A parsed ISO 639-1 code, or None.
+            context_id: The context asking, for the error.
+
+        Raises:
+            ProtocolError: ``unsupported`` for a language the engine's model does not speak.
+        """
+        info = self.engine.info
+        if language is None:
+            return info.default_language
+        if language not in info.languages:
+            model = info.model or info.name
+            raise ProtocolError(
+                "unsupported",
+                f"language '{language}' is not spoken by {model} on this server; it speaks "
+                f"{', '.join(info.languages)}"
+                + (
+                    " (TTS_MODEL=chatterbox-multilingual speaks 23 languages)"
+                    if len(info.languages) == 1
+                    else ""
+                ),
+                context_id,
+            )
+        return language
 
     def resolve_voice(self, voice_id: str, context_id: str | None = None) -> Voice | None:
         """Find the voice a request names.
@@ -400,7 +435,15 @@ class App:
         max_samples = self.config.max_audio_seconds * info.native_sample_rate
         samples = 0
         with self.http_stream():
-            pieces = await asyncio.to_thread(split_text, text, info.max_segment_chars)
+            pieces = await asyncio.to_thread(
+                functools.partial(
+                    split_text,
+                    text,
+                    info.max_segment_chars,
+                    keep_tags=info.tags,
+                    language=params.language,
+                )
+            )
             self.check_audio_estimate(sum(len(p) for p in pieces))
 
             async def segments():
@@ -435,13 +478,16 @@ class App:
         self.metrics.characters.inc(len(text))
         self.metrics.audio_seconds.inc(samples / info.native_sample_rate)
 
-    async def synthesize_wav(self, text: str, voice_id: str, sample_rate: int) -> bytes:
+    async def synthesize_wav(
+        self, text: str, voice_id: str, sample_rate: int, language: str | None = None
+    ) -> bytes:
         """Synthesize a whole text into a WAV file (the one-shot ``GET /v1/synthesize``).
 
         Args:
             text: The text, already checked against the length limit and cleaned.
             voice_id: A validated voice id.
             sample_rate: Output rate in Hz.
+            language: A parsed ISO 639-1 code, or None for the model's default.
 
         Returns:
             The WAV file's bytes (16-bit PCM, mono).
@@ -450,7 +496,12 @@ class App:
             ProtocolError: As :meth:`synthesize_stream`.
             EngineError: If synthesis fails.
         """
-        params = SynthesisParams(voice_id=voice_id, streaming=False, context_id="http")
+        params = SynthesisParams(
+            voice_id=voice_id,
+            streaming=False,
+            context_id="http",
+            language=self.resolve_language(language),
+        )
         stream = self.synthesize_stream(text, params)
         async with aclosing(stream):
             chunks = [chunk async for chunk in stream]

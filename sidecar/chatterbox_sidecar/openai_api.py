@@ -4,7 +4,9 @@ Pure functions, no I/O, checked against the official ``openai`` package's
 ``resources/audio/speech.py`` and ``types/audio/speech_create_params.py``: ``model``, ``input``,
 ``voice`` (a string or ``{"id": ...}``), ``response_format`` (default ``mp3``), ``speed``
 (0.25-4.0), ``stream_format`` (``audio`` or ``sse``), ``instructions``; errors as
-``{"error": {"message", "type", "param", "code"}}``.
+``{"error": {"message", "type", "param", "code"}}``. Extensions: the websocket's generation
+fields (``exaggeration``, ``cfg_weight``, ``temperature``, ``seed``), ``sample_rate`` and
+``language`` (ISO 639-1; OpenAI's model detects the language, ours is told it).
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ def parse_speech(
         "encoding": "pcm_s16le",
         "streaming": stream,
     }
-    for name in ("exaggeration", "cfg_weight", "temperature", "seed"):
+    for name in ("exaggeration", "cfg_weight", "temperature", "seed", "language"):
         if name in obj:
             body[name] = obj[name]
     try:

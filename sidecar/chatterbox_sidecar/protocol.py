@@ -30,6 +30,8 @@ _FORBIDDEN_TEXT = re.compile(r"[\x00\ud800-\udfff]")
 _CONTROL_TEXT = re.compile(r"[\x01-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffe\uffff]")
 
 _REPR = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>")
+# An ISO 639-1 code, optionally with BCP 47 subtags ("pt-BR", "zh_Hant"): the code is kept.
+_LANGUAGE = re.compile(r"([A-Za-z]{2})(?:[-_][A-Za-z0-9]{1,8})*")
 
 ERROR_CODES = (
     "invalid_json",
@@ -86,7 +88,10 @@ class HttpError(ProtocolError):
 
 @dataclass(frozen=True)
 class Synthesize:
-    """A ``synthesize`` message: text for a context, opening it or appending to it."""
+    """A ``synthesize`` message: text for a context, opening it or appending to it.
+
+    ``language`` is the ISO 639-1 code asked for (lower case), or None for the model's default.
+    """
 
     text: str
     context_id: str | None
@@ -100,6 +105,7 @@ class Synthesize:
     sample_rate: int
     encoding: str
     word_timestamps: bool = False
+    language: str | None = None
 
 
 @dataclass(frozen=True)
@@ -220,6 +226,33 @@ def _voice_id(fields: _Fields, default: Any = _MISSING) -> str:
             fields.context_id,
         )
     return value
+
+
+def parse_language(value: str | None, context_id: str | None = None) -> str | None:
+    """Check a requested language.
+
+    Args:
+        value: An ISO 639-1 code (``es``); a BCP 47 tag (``pt-BR``) is read as its code. None
+            for the model's default.
+        context_id: The context asking, for the error.
+
+    Returns:
+        The lower-case two-letter code, or None.
+
+    Raises:
+        ProtocolError: ``invalid_request`` for anything that is not a language code. (Whether
+            the model speaks it is the server's question: ``unsupported``.)
+    """
+    if value is None:
+        return None
+    match = _LANGUAGE.fullmatch(value)
+    if match is None:
+        raise ProtocolError(
+            "invalid_request",
+            "'language' must be an ISO 639-1 code such as 'en' or 'es'",
+            context_id,
+        )
+    return match[1].lower()
 
 
 def parse_client_message(raw: str) -> ClientMessage:
@@ -363,6 +396,7 @@ def _parse_synthesize(fields: _Fields) -> Synthesize:
         ),
         encoding=encoding,
         word_timestamps=fields.bool("word_timestamps", False),
+        language=parse_language(fields.str("language", None), fields.context_id),
     )
 
 
@@ -413,6 +447,7 @@ def started(
     streaming: bool,
     not_applied: Sequence[str] = (),
     word_timestamps: bool = False,
+    language: str | None = None,
 ) -> dict[str, Any]:
     """Build a ``started`` message echoing the parameters in effect.
 
@@ -424,6 +459,7 @@ def started(
             ``cfg_weight``); they are echoed as sent and listed here, never silently dropped.
         word_timestamps: Whether ``timestamps`` messages come for this context (asked for,
             and the engine can align).
+        language: The language in effect (the request's, or the model's default).
 
     Returns:
         The message.
@@ -439,6 +475,7 @@ def started(
         "cfg_weight": request.cfg_weight,
         "temperature": request.temperature,
         "seed": request.seed,
+        "language": language if language is not None else request.language,
         "not_applied": list(not_applied),
         "word_timestamps": word_timestamps,
     }

@@ -220,7 +220,8 @@ class SidecarServer:
                 )
             if not VOICE_ID_PATTERN.fullmatch(voice_id):
                 raise ProtocolError("invalid_request", "bad 'voice_id'")
-            wav = await app.synthesize_wav(text, voice_id, sample_rate)
+            language = protocol.parse_language(query.get("language"))
+            wav = await app.synthesize_wav(text, voice_id, sample_rate, language)
         except ProtocolError as e:
             app.metrics.errors.labels(e.code).inc()
             return protocol_error_response(e)

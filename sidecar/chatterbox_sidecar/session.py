@@ -118,7 +118,9 @@ class Context:
         )
         self._app = app
         info = app.engine.info
-        self._segmenter = TextSegmenter(max_chars=info.max_segment_chars, keep_tags=info.tags)
+        self._segmenter = TextSegmenter(
+            max_chars=info.max_segment_chars, keep_tags=info.tags, language=params.language
+        )
         self._segments: asyncio.Queue[str | None] = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self.generation_seconds = 0.0
@@ -508,6 +510,7 @@ class Session:
                         ctx.params.streaming,
                         not_applied=self._app.engine.info.not_applied(),
                         word_timestamps=ctx.params.word_timestamps,
+                        language=ctx.params.language,
                     )
                 )
             if isinstance(item, _End):

@@ -5,6 +5,16 @@ Kokoro-FastAPI #259) and Chatterbox garbles inputs past ~300 characters, so each
 goes through one :class:`TextSegmenter`. It cuts the raw text into sentences (the first one early,
 at a clause, so the first audio comes sooner) and only then spells out each segment with
 :func:`normalize_text`, so a number is never cut in two.
+
+Languages (the multilingual model's ISO 639-1 codes): English gets every rule below. Other
+languages get markdown stripping, punctuation clean-up and numbers in their own words through
+num2words where it has the language (:data:`NUMBER_LANGUAGES`: decimal comma and grouping
+dot where the language writes them so); their digits stay as written where it has not (el,
+hi, ms, sw, zh), and English words (units, currencies, abbreviations, dates) are never put into
+their text. Sentences also end at ``。！？`` (no space needed after them), ``।`` and ``॥``
+(Devanagari), ``؟`` and ``۔`` (Arabic script) and, in Greek only, ``;`` (the Greek question
+mark); ``，、；：`` and ``،؛`` are clause marks. Chinese, Japanese and Korean segments are cut at a
+half (ja, ko) or a third (zh) of ``max_chars``, since each of their characters is a syllable.
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
-from num2words import num2words
+from num2words import CONVERTER_CLASSES, num2words
 
 # --------------------------------------------------------------------------- number words
 
@@ -89,6 +99,100 @@ def _year(text: str) -> str:
 
 def _plural_words(words: str) -> str:
     return words[:-1] + "ies" if words.endswith("y") else words + "s"
+
+
+# --------------------------------------------------------------------------- other languages
+
+#: The multilingual model's languages whose number words num2words has.
+NUMBER_LANGUAGES = frozenset(
+    {"ar", "da", "de", "es", "fi", "fr", "he", "it", "ja", "ko", "nl", "no", "pl", "pt"}
+    | {"ru", "sv", "tr"}
+) & frozenset(CONVERTER_CLASSES)
+# Languages that write 3.497,25 (grouping dot, decimal comma); the others write 3,497.25.
+_DECIMAL_COMMA = frozenset(
+    {"da", "de", "el", "es", "fi", "fr", "it", "nl", "no", "pl", "pt", "ru", "sv", "tr"}
+)
+# The word read for a decimal separator and for a minus sign (num2words' own decimals are
+# wrong for some languages: Italian drops the fraction, Polish fails on negatives).
+_POINT = {
+    "ar": "فاصلة", "da": "komma", "de": "Komma", "es": "coma", "fi": "pilkku", "fr": "virgule",
+    "he": "נקודה", "it": "virgola", "ja": "点", "ko": "점", "nl": "komma", "no": "komma",
+    "pl": "przecinek", "pt": "vírgula", "ru": "запятая", "sv": "komma", "tr": "virgül",
+}  # fmt: skip
+_MINUS = {
+    "ar": "سالب", "da": "minus", "de": "minus", "es": "menos", "fi": "miinus", "fr": "moins",
+    "he": "מינוס", "it": "meno", "ja": "マイナス", "ko": "마이너스", "nl": "min", "no": "minus",
+    "pl": "minus", "pt": "menos", "ru": "минус", "sv": "minus", "tr": "eksi",
+}  # fmt: skip
+# Of those, the ones that group thousands with a space ("1 234"), as well as a dot.
+_SPACE_GROUPING = frozenset({"fi", "fr", "no", "pl", "ru", "sv"})
+# Syllabic scripts: characters of a segment count this many times against max_chars.
+_CHARS_PER_SYLLABLE = {"zh": 3, "ja": 2, "ko": 2}
+_GREEK_QUESTION = "\u037e"  # holds ";" in Greek text while the clean-up runs
+
+
+@lru_cache(maxsize=32)
+def _number_pattern(language: str) -> re.Pattern[str]:
+    """Numbers as ``language`` writes them: "-3.497,25" (de), "1 234" (fr), "3,497.25" (ja).
+
+    A minus sign counts only after a space or an opening bracket ("Covid-19" has none); a
+    number may follow a letter directly, as in Chinese, Japanese and Korean text.
+    """
+    if language in _DECIMAL_COMMA:
+        point = ","
+        group = r"[ .\u00a0\u202f]" if language in _SPACE_GROUPING else r"[.\u00a0\u202f]"
+    else:
+        point, group = r"\.", ","
+    return re.compile(
+        r"(?:(?<![^\s(\[\"'])(?P<neg>[-−])|(?<![\d.,]))"
+        rf"(?P<whole>\d{{1,3}}(?:{group}\d{{3}})+(?!\d)|\d+)(?:{point}(?P<frac>\d+))?(?!\d)"
+    )
+
+
+def _foreign_number(m: re.Match[str], language: str) -> str:
+    """Words for a number written the way ``language`` writes numbers."""
+    join = "" if language == "ja" else " "
+
+    def words(digits: str) -> str:
+        return num2words(int(digits), lang=language).replace(",", "")
+
+    whole = re.sub(r"\D", "", m["whole"])
+    if len(whole) > 15 or (len(whole) > 1 and whole[0] == "0"):
+        spoken = join.join(words(d) for d in whole)  # ids, codes: digit by digit
+    else:
+        spoken = words(whole)
+    if m["frac"]:
+        spoken += join + _POINT[language] + join + join.join(words(d) for d in m["frac"])
+    return (_MINUS[language] + join if m["neg"] else "") + spoken
+
+
+def _normalize_foreign(text: str, language: str) -> str:
+    """Markdown stripped, numbers in ``language``'s words (where num2words has it), cleaned."""
+    text = _apply(_MARKDOWN, text)
+    if language in NUMBER_LANGUAGES:
+        text = _number_pattern(language).sub(lambda m: _foreign_number(m, language), text)
+    text = text.translate(_UNICODE)
+    if language == "el":  # the Greek question mark is ";": kept from the clause clean-up
+        return _apply(_CLEANUP, text.replace(";", _GREEK_QUESTION)).replace(_GREEK_QUESTION, ";")
+    return _apply(_CLEANUP, text)
+
+
+def spoken_length(text: str) -> float:
+    """Characters of ``text`` weighted by how long they take to say, in Latin letters.
+
+    A CJK ideograph counts 3 (a syllable; Chinese is read at 4-5 a second where English is
+    read at 13-16 letters), kana and Hangul syllables 2; every other character 1.
+    """
+    length = 0.0
+    for char in text:
+        code = ord(char)
+        if 0x4E00 <= code <= 0x9FFF or 0x3400 <= code <= 0x4DBF or 0xF900 <= code <= 0xFAFF:
+            length += 3
+        elif 0x3040 <= code <= 0x30FF or 0xAC00 <= code <= 0xD7A3:
+            length += 2
+        else:
+            length += 1
+    return length
 
 
 # --------------------------------------------------------------------------- rule handlers
@@ -343,7 +447,7 @@ def _tag_pattern(tags: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile(alternatives, re.I)
 
 
-def normalize_text(text: str, keep_tags: tuple[str, ...] = ()) -> str:
+def normalize_text(text: str, keep_tags: tuple[str, ...] = (), language: str = "en") -> str:
     """Spell out what TTS engines read badly.
 
     Numbers (thousands separators, decimals, negatives, ordinals, years, ranges), currency,
@@ -359,6 +463,9 @@ def normalize_text(text: str, keep_tags: tuple[str, ...] = ()) -> str:
         keep_tags: Paralinguistic tags the model performs (Turbo's ``[laugh]``, ``[sigh]``,
             ...): passed through untouched (matched case-insensitively, written as given here)
             instead of being read as bracketed text.
+        language: ISO 639-1 code of the text. Every rule above is English; another language
+            gets markdown stripping, punctuation clean-up and its numbers in its own words
+            (num2words, where it has the language); see the module doc.
 
     Returns:
         The text to synthesise; empty if nothing speakable is left.
@@ -372,8 +479,11 @@ def normalize_text(text: str, keep_tags: tuple[str, ...] = ()) -> str:
             return f" {chr(_TAG_BASE + len(kept) - 1)} "
 
         text = _tag_pattern(tuple(keep_tags)).sub(hold, text)
-    text = _apply(_MARKDOWN, text.translate(_UNICODE))
-    text = _apply(_CLEANUP, _apply(_RULES, text))
+    if language == "en":
+        text = _apply(_MARKDOWN, text.translate(_UNICODE))
+        text = _apply(_CLEANUP, _apply(_RULES, text))
+    else:
+        text = _normalize_foreign(text, language)
     for i, tag in enumerate(kept):
         text = text.replace(chr(_TAG_BASE + i), tag)
     return text
@@ -383,8 +493,11 @@ def normalize_text(text: str, keep_tags: tuple[str, ...] = ()) -> str:
 
 _normalize = lru_cache(maxsize=256)(normalize_text)  # a segment is measured, then emitted
 
-_BOUNDARY = re.compile(r"[.!?…]+[\"'”’)\]»]*|\n")
-_CLAUSE = re.compile(r"[,;:][\"'”’)\]]*(?=\s)|(?<!\d)[—–](?=\D)|\s--?(?=\s)")
+_CLOSERS = "\"'”’)\\]»」』）》】"
+_BOUNDARY = re.compile(rf"(?:[.!?…]+|[。！？]+|[।॥؟۔]+)[{_CLOSERS}]*|\n")
+_GREEK_BOUNDARY = re.compile(rf"(?:[.!?…;]+|[।॥؟۔]+)[{_CLOSERS}]*|\n")  # ";" asks
+_UNSPACED_ENDS = "。！？"  # CJK text puts no space after a sentence
+_CLAUSE = re.compile(r"[,;:][\"'”’)\]]*(?=\s)|(?<!\d)[—–](?=\D)|\s--?(?=\s)|[，、；：]|[،؛](?=\s)")
 _MARKER = re.compile(r"[ \t]*(?:#{1,6}|[-*+•>]|\d{1,3}[.)])(?:\s|$)")
 _BLANKS, _WORD = re.compile(r"[ \t]*"), re.compile(r"\S*")
 _DOTTED = re.compile(r"(?:[A-Za-z]\.)+[A-Za-z]")
@@ -445,6 +558,7 @@ class TextSegmenter:
         max_chars: int = 300,
         first_clause_min_chars: int = 20,
         keep_tags: tuple[str, ...] = (),
+        language: str = "en",
     ):
         """Initialize the segmenter.
 
@@ -454,14 +568,19 @@ class TextSegmenter:
                 early; a value above ``max_chars`` turns the early cut off.
             keep_tags: Paralinguistic tags passed through untouched (see
                 :func:`normalize_text`).
+            language: ISO 639-1 code of the text: its sentence ends and number words (see
+                the module doc). In zh, ja and ko, ``max_chars`` is divided by the characters
+                a syllable takes in Latin text (3, 2, 2; at least 20 remain).
 
         Raises:
             ValueError: If ``max_chars`` is below 20 or ``first_clause_min_chars`` is negative.
         """
         if max_chars < 20 or first_clause_min_chars < 0:
             raise ValueError("max_chars must be >= 20 and first_clause_min_chars >= 0")
-        self.max_chars = max_chars
+        self.language = language
+        self.max_chars = max(20, max_chars // _CHARS_PER_SYLLABLE.get(language, 1))
         self.keep_tags = tuple(keep_tags)
+        self._boundary = _GREEK_BOUNDARY if language == "el" else _BOUNDARY
         self.first_clause_min_chars = first_clause_min_chars
         self._buf = ""
         self._consumed = 0  # offset of the buffer's start in the context's text
@@ -501,7 +620,7 @@ class TextSegmenter:
             if cut is None:
                 break
             raw, self._buf = self._buf[:cut], self._buf[cut:]
-            segment = _normalize(raw, self.keep_tags)
+            segment = _normalize(raw, self.keep_tags, self.language)
             self._checked = 0
             pieces = _wrap(segment, self.max_chars) if len(segment) > self.max_chars else [segment]
             pieces = [piece for piece in pieces if _WORDY.search(piece)]
@@ -513,12 +632,12 @@ class TextSegmenter:
     def _fits(self, text: str, slack: int = 0) -> bool:
         if len(text) > 8 * (self.max_chars + slack):  # far too long whatever it expands to
             return False
-        return len(_normalize(text, self.keep_tags)) <= self.max_chars + slack
+        return len(_normalize(text, self.keep_tags, self.language)) <= self.max_chars + slack
 
     def _next_cut(self, final: bool) -> int | None:
         """End of the next segment in the buffer, or None while more text is needed."""
         buf, end, limit = self._buf, None, len(self._buf)
-        for m in _BOUNDARY.finditer(buf):
+        for m in self._boundary.finditer(buf):
             decision = _decide(buf, m, final)
             if decision == _SPLIT:
                 end = m.start() if m[0] == "\n" else m.end()
@@ -532,7 +651,7 @@ class TextSegmenter:
             for m in _CLAUSE.finditer(buf):
                 if m.end() >= limit:
                     break
-                size = len(_normalize(buf[: m.end()], self.keep_tags))
+                size = len(_normalize(buf[: m.end()], self.keep_tags, self.language))
                 if size >= self.first_clause_min_chars:
                     if size <= self.max_chars:
                         return m.end()
@@ -594,6 +713,8 @@ def _decide(buf: str, m: re.Match[str], final: bool) -> str:
         return _SPLIT if _MARKER.match(buf, nxt) else _SKIP
     if end == len(buf):
         return _SPLIT if final else _MORE
+    if m[0][0] in _UNSPACED_ENDS:
+        return _SPLIT
     if not buf[end].isspace():
         return _SKIP  # "3.5", "e.g.", "example.com"
     if m[0] != ".":
@@ -643,6 +764,7 @@ def split_text(
     max_chars: int = 300,
     first_clause_min_chars: int = 20,
     keep_tags: tuple[str, ...] = (),
+    language: str = "en",
 ) -> list[str]:
     """Segment and normalise a whole text at once (``push`` then ``flush``).
 
@@ -651,9 +773,10 @@ def split_text(
         max_chars: Longest segment, in normalised characters.
         first_clause_min_chars: See :class:`TextSegmenter`.
         keep_tags: Paralinguistic tags passed through untouched.
+        language: ISO 639-1 code of the text (see :class:`TextSegmenter`).
 
     Returns:
         The normalised segments, in order.
     """
-    segmenter = TextSegmenter(max_chars, first_clause_min_chars, keep_tags)
+    segmenter = TextSegmenter(max_chars, first_clause_min_chars, keep_tags, language)
     return segmenter.push(text) + segmenter.flush()

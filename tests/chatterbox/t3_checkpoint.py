@@ -42,12 +42,17 @@ def real_tokenizer_path() -> Path:
 
 
 def random_t3_state(
-    n_layers: int = 2, seed: int = 0, hidden: int = HIDDEN, intermediate: int = MLP
+    n_layers: int = 2,
+    seed: int = 0,
+    hidden: int = HIDDEN,
+    intermediate: int = MLP,
+    text_vocab: int = TEXT_VOCAB,
 ) -> dict[str, torch.Tensor]:
     """A T3 state dict with the real keys and shapes (``n_layers`` layers), random values.
 
     ``hidden`` (a multiple of 64) and ``intermediate`` narrow the model for faster CPU tests;
-    the defaults are the real sizes. Vocabularies and position tables are always real.
+    the defaults are the real sizes. Vocabularies and position tables are always real
+    (``text_vocab``: 704 for the English T3, 2454 for the multilingual one).
     """
     gen = torch.Generator().manual_seed(seed)
     heads = hidden // HEAD_DIM
@@ -62,11 +67,11 @@ def random_t3_state(
         "cond_enc.perceiver.pre_attention_query": rnd(1, QUERIES, hidden, std=0.2),
         "cond_enc.perceiver.attn.norm.weight": torch.ones(hidden),
         "cond_enc.perceiver.attn.norm.bias": torch.zeros(hidden),
-        "text_emb.weight": rnd(TEXT_VOCAB, hidden),
+        "text_emb.weight": rnd(text_vocab, hidden),
         "speech_emb.weight": rnd(SPEECH_VOCAB, hidden),
         "text_pos_emb.emb.weight": rnd(TEXT_POSITIONS, hidden),
         "speech_pos_emb.emb.weight": rnd(SPEECH_POSITIONS, hidden),
-        "text_head.weight": rnd(TEXT_VOCAB, hidden),
+        "text_head.weight": rnd(text_vocab, hidden),
         "speech_head.weight": rnd(SPEECH_VOCAB, hidden),
         "tfmr.embed_tokens.weight": rnd(8, hidden),
         "tfmr.norm.weight": torch.ones(hidden),
@@ -129,11 +134,23 @@ def write_scripted_t3_checkpoint(
     Returns:
         ``model_dir`` as a Path.
     """
+    return _write(Path(model_dir), scripted_t3_state(script, n_layers, seed, hidden, intermediate))
+
+
+def scripted_t3_state(
+    script: Sequence[int],
+    n_layers: int = 1,
+    seed: int = 0,
+    hidden: int = 256,
+    intermediate: int = 512,
+    text_vocab: int = TEXT_VOCAB,
+) -> dict[str, torch.Tensor]:
+    """The state dict :func:`write_scripted_t3_checkpoint` writes (any text vocabulary size)."""
     if len(set(script)) != len(script) or START_SPEECH in script:
         raise ValueError("script tokens must be distinct and not the start token")
     if len(script) >= hidden:
         raise ValueError("script too long")
-    state = random_t3_state(n_layers, seed, hidden, intermediate)
+    state = random_t3_state(n_layers, seed, hidden, intermediate, text_vocab)
     for i in range(n_layers):
         state[f"tfmr.layers.{i}.self_attn.o_proj.weight"].zero_()
         state[f"tfmr.layers.{i}.mlp.down_proj.weight"].zero_()
@@ -144,7 +161,7 @@ def write_scripted_t3_checkpoint(
         emb[prev] = 0.0
         emb[prev, axis] = 10.0
         head[nxt, axis] = 20.0
-    return _write(Path(model_dir), state)
+    return state
 
 
 def write_scripted_model_dir(

@@ -115,6 +115,11 @@ class EngineInfo:
     word_timestamps: bool = False
     alignment_source: str | None = None
 
+    @property
+    def default_language(self) -> str:
+        """Returns: the language of a request that names none: ``en``, else the first."""
+        return "en" if "en" in self.languages else self.languages[0]
+
     def not_applied(self) -> list[str]:
         """Returns: the synthesis parameters this engine ignores, in protocol order."""
         return [name for name in SYNTHESIS_PARAMETERS if name not in self.parameters]
@@ -140,6 +145,8 @@ class SynthesisParams:
         word_timestamps: The context wants to know when its words are spoken; an engine with
             ``EngineInfo.word_timestamps`` then yields :class:`AlignedAudio`. Engines without
             ignore it.
+        language: ISO 639-1 code of the text, one of ``EngineInfo.languages`` (the server
+            checks it; an engine raises :class:`UnsupportedError` for another).
     """
 
     voice_id: str = "default"
@@ -150,6 +157,7 @@ class SynthesisParams:
     streaming: bool = True
     context_id: str | None = None
     word_timestamps: bool = False
+    language: str = "en"
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from chatterbox_sidecar.engines.base import (
     EngineError,
     EngineInfo,
     SynthesisParams,
+    UnsupportedError,
 )
 from chatterbox_sidecar.engines.chatterbox.conditionals import (
     ConditioningConfig,
@@ -51,6 +52,7 @@ from chatterbox_sidecar.engines.chatterbox.models import ModelSpec, model_spec
 from chatterbox_sidecar.engines.chatterbox.s3gen.stream import (
     LOOKAHEAD_TOKENS,
     SAMPLE_RATE,
+    SAMPLES_PER_TOKEN,
     Reference,
     S3GenStreamDecoder,
     StreamConfig,
@@ -79,8 +81,8 @@ class ChatterboxEngineConfig:
     """Configuration of the chatterbox engine.
 
     Parameters:
-        model: The Chatterbox model served (``TTS_MODEL``; see ``models``): ``chatterbox`` or
-            ``chatterbox-turbo`` (``chatterbox-multilingual`` is not served yet).
+        model: The Chatterbox model served (``TTS_MODEL``; see ``models``): ``chatterbox``,
+            ``chatterbox-turbo`` or ``chatterbox-multilingual``.
         model_dir: Folder with the model's files (``TTS_MODEL_DIR``); None downloads them once
             from the Hugging Face Hub (see ``model_files.resolve_model_dir``).
         t3_model_dir: The vLLM model folder (``TTS_T3_MODEL_DIR``); None for
@@ -312,7 +314,9 @@ class ChatterboxEngine(Engine):
             capacity = cfg.max_streams
             if capacity is None and cfg.on_cuda and self._decoder.cuda_graphs:
                 capacity = await self._in_s3(self._calibrate)
-            self.info = dataclasses.replace(self.info, capacity=capacity)
+            # the multilingual tokenizer may lack a language's optional package
+            languages = getattr(self._t3, "languages", None) or self.info.languages
+            self.info = dataclasses.replace(self.info, capacity=capacity, languages=languages)
         except EngineError:
             raise
         except Exception as e:
@@ -503,6 +507,20 @@ class ChatterboxEngine(Engine):
                 max_batch_size=cfg.max_concurrency,
                 top_k=self._spec.top_k,
             )
+        if self._spec.name == "chatterbox-multilingual":
+            if kind == "vllm":
+                raise EngineError("TTS_T3_BACKEND=vllm serves the Original model only")
+            from chatterbox_sidecar.engines.chatterbox.multilingual.backend import (
+                MultilingualT3Backend,
+            )
+
+            return MultilingualT3Backend(
+                model_dir,
+                t3_file=self._spec.t3_file,
+                device=cfg.device,
+                dtype=cfg.dtype,
+                max_batch_size=cfg.max_concurrency,
+            )
         if kind == "auto":
             # The torch backend is the measured one (CUDA graphs, sampling in the graph; see
             # BENCHMARKS.md) and follows upstream where chatterbox-vllm does not (per-request
@@ -620,6 +638,11 @@ class ChatterboxEngine(Engine):
         """Stream audio for one context (see :meth:`Engine.synthesize`)."""
         if self._t3 is None or self._decoder is None:
             raise EngineError("chatterbox engine is not started")
+        if params.language not in self.info.languages:
+            raise UnsupportedError(
+                f"{self._spec.name} does not speak '{params.language}' here "
+                f"(languages: {', '.join(self.info.languages)})"
+            )
         cached = await self._voice(voice)
         self._requests += 1
         context = f"ctx{self._requests}-{uuid.uuid4().hex[:8]}"
@@ -627,7 +650,7 @@ class ChatterboxEngine(Engine):
             index = 0
             playback = _Playback()
             async for segment in segments:
-                for piece in self._pieces(segment):
+                for piece in self._pieces(segment, params.language):
                     request = self._request(f"{context}-{index}", piece, cached, params)
                     index += 1
                     # aclosing: T3 is aborted when our consumer stops, not at garbage collection
@@ -636,17 +659,25 @@ class ChatterboxEngine(Engine):
                         async for audio in audios:
                             yield audio
         else:
-            pieces = [piece async for segment in segments for piece in self._pieces(segment)]
+            language = params.language
+            pieces = [
+                piece async for segment in segments for piece in self._pieces(segment, language)
+            ]
             async with aclosing(self._batch(context, pieces, cached, params)) as audios:
                 async for audio in audios:
                     yield audio
 
-    def _pieces(self, segment: str) -> list[str]:
+    def _pieces(self, segment: str, language: str = "en") -> list[str]:
         # The server's segmenter already keeps segments within info.max_segment_chars; a direct
         # caller's longer segment is split by the same shared splitter.
         if len(segment) <= self.config.max_text_chars_per_piece:
             return [segment] if segment.strip() else []
-        return split_text(segment, self.config.max_text_chars_per_piece, keep_tags=self._spec.tags)
+        return split_text(
+            segment,
+            self.config.max_text_chars_per_piece,
+            keep_tags=self._spec.tags,
+            language=language,
+        )
 
     def _request(
         self, request_id: str, text: str, cached: _CachedVoice, params: SynthesisParams
@@ -670,6 +701,7 @@ class ChatterboxEngine(Engine):
             ),
             max_new_tokens=speech_token_budget(text, max_tokens=cfg.max_speech_tokens),
             seed=params.seed,
+            language=params.language,
         )
 
     async def _stream_piece(
@@ -693,6 +725,7 @@ class ChatterboxEngine(Engine):
                 if pump.done:
                     stream.push(self._spec.silence_tokens)  # Turbo ends on 3 silence tokens
                     audio = await scheduler.decode(stream, True, deadline)
+                    audio = self._trim_final(audio)
                 else:
                     wake: float | None = None
                     if stream.chunks_decoded == 0:
@@ -720,6 +753,12 @@ class ChatterboxEngine(Engine):
                 task.cancel()
                 with suppress(asyncio.CancelledError, Exception):
                     await task
+
+    def _trim_final(self, audio: np.ndarray) -> np.ndarray:
+        """An utterance's last audio without its final token's, for models that drop it."""
+        if self._spec.trim_final_token and len(audio) > SAMPLES_PER_TOKEN:
+            return audio[:-SAMPLES_PER_TOKEN]
+        return audio
 
     async def _pump(self, request: T3Request, pump: _TokenPump) -> None:
         assert self._t3 is not None
@@ -749,7 +788,7 @@ class ChatterboxEngine(Engine):
         async def piece_audio(i: int, piece: str) -> np.ndarray:
             tokens = await self._collect(self._request(f"{context}-{i}", piece, cached, params))
             tokens.extend(self._spec.silence_tokens)
-            return await scheduler.decode_whole(cached.reference, tokens)
+            return self._trim_final(await scheduler.decode_whole(cached.reference, tokens))
 
         # Every piece generates and decodes at once (S3Gen batches them with other contexts'
         # pieces); the audio goes out in order.

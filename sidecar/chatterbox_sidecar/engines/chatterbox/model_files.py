@@ -248,8 +248,9 @@ def speech_token_budget(
 ) -> int:
     """Speech tokens a text segment may take before it is cut off.
 
-    Expected speech is ``len(text) / chars_per_second`` seconds (English at an ordinary pace
-    is 13-16 characters a second); the budget allows ``margin`` times that plus
+    Expected speech is ``spoken_length(text) / chars_per_second`` seconds (English at an
+    ordinary pace is 13-16 characters a second; a CJK ideograph counts as 3 characters, kana
+    and Hangul as 2, see ``text.spoken_length``); the budget allows ``margin`` times that plus
     ``extra_seconds``, at 25 tokens a second, capped at ``max_tokens``. So a missed stop token
     costs a few seconds of babble, not 40.
 
@@ -263,7 +264,9 @@ def speech_token_budget(
     Returns:
         The budget in tokens.
     """
-    seconds = len(text.strip()) / chars_per_second * margin + extra_seconds
+    from chatterbox_sidecar.text import spoken_length
+
+    seconds = spoken_length(text.strip()) / chars_per_second * margin + extra_seconds
     return max(1, min(max_tokens, math.ceil(seconds * TOKENS_PER_SECOND)))
 
 

@@ -10,8 +10,12 @@ upstream (resemble-ai/chatterbox ``tts.py``, ``tts_turbo.py``, ``mtl_tts.py``):
   no exaggeration, no min-p; top-k 1000 and top-p 0.95), a 15 s / 375-token T3 voice prompt,
   and a distilled meanflow S3Gen (2 steps, no guidance) that ends each utterance on three
   silence tokens.
-- ``chatterbox-multilingual``: the Original's architecture with a 2454-entry text vocabulary and
-  a language token (not served yet).
+- ``chatterbox-multilingual``: the Original's Llama T3 with a 2454-entry text vocabulary, a
+  language token in front of the text and per-language text preparation (see
+  ``multilingual.text``); the Original's S3Gen, voice encoder and voice conditionals. Upstream's
+  current ``mtl_tts.py`` uses repetition penalty 1.2 (2.0 before resemble-ai/chatterbox#516) and
+  drops the last speech token's audio (emitted just before the stop token, it decodes to ~40 ms
+  of noise).
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class ModelSpec:
         min_p: T3 min-p (0: off).
         top_k: T3 top-k (0: off).
         repetition_penalty: T3 repetition penalty.
+        trim_final_token: Drop the audio of the last speech token of each utterance.
         served: Whether this engine can serve the model yet.
     """
 
@@ -89,12 +94,18 @@ class ModelSpec:
     min_p: float
     top_k: int
     repetition_penalty: float
+    trim_final_token: bool = False
     served: bool = True
 
     @property
     def files(self) -> tuple[str, ...]:
         """Returns: every file a model folder must hold."""
         return (self.t3_file, self.s3gen_file, "ve.safetensors", *self.tokenizer_files, "conds.pt")
+
+    @property
+    def default_language(self) -> str:
+        """Returns: the language of a request that names none: ``en``, else the first."""
+        return "en" if "en" in self.languages else self.languages[0]
 
 
 ORIGINAL = ModelSpec(
@@ -149,21 +160,24 @@ MULTILINGUAL = ModelSpec(
     revision="05e904af2b5c7f8e482687a9d7336c5c824467d9",  # chatterbox-vllm 0.2.1's pin
     t3_file="t3_mtl23ls_v2.safetensors",
     s3gen_file="s3gen.safetensors",
-    tokenizer_files=("grapheme_mtl_merged_expanded_v1.json",),
+    # Cangjie5_TC.json: the character-to-Cangjie table Chinese text is spelled with
+    tokenizer_files=("grapheme_mtl_merged_expanded_v1.json", "Cangjie5_TC.json"),
     flow_steps=10,
     meanflow=False,
     silence_tokens=(),
     languages=MULTILINGUAL_LANGUAGES,
     parameters=("exaggeration", "cfg_weight", "temperature", "seed"),
     tags=(),
-    conds_file="conds-multilingual.pt",
+    # Upstream conditions the multilingual T3 exactly as the Original (6 s, 150 tokens, the
+    # same voice encoder and S3Gen), so a voice's conditionals are shared with the Original's.
+    conds_file="conds.pt",
     t3_reference_seconds=6.0,
     t3_prompt_tokens=150,
     top_p=1.0,
     min_p=0.05,
     top_k=0,
-    repetition_penalty=2.0,
-    served=False,
+    repetition_penalty=1.2,
+    trim_final_token=True,
 )
 
 MODELS = {spec.name: spec for spec in (ORIGINAL, TURBO, MULTILINGUAL)}

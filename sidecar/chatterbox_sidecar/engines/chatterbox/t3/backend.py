@@ -29,6 +29,7 @@ class T3Request:
         repetition_penalty: Penalty on already generated tokens (upstream English: 1.2).
         max_new_tokens: Speech-token budget for this segment.
         seed: Random seed, or None.
+        language: ISO 639-1 code of the text (the multilingual model's language token).
     """
 
     request_id: str
@@ -42,6 +43,7 @@ class T3Request:
     repetition_penalty: float = 1.2
     max_new_tokens: int = 1000
     seed: int | None = None
+    language: str = "en"
 
 
 class T3Backend(ABC):

@@ -26,10 +26,16 @@ _REPLACEMENTS = (
     ("’", "'"),
 )
 _SENTENCE_ENDS = (".", "!", "?", "-", ",")
+#: The multilingual model's clean-up also takes CJK punctuation as an end (upstream mtl_tts.py).
+MULTILINGUAL_SENTENCE_ENDS = (*_SENTENCE_ENDS, "、", "，", "。", "？", "！")
 EMPTY_TEXT = "You need to add some text for me to talk."
 
 
-def punc_norm(text: str, replacements: tuple[tuple[str, str], ...] = _REPLACEMENTS) -> str:
+def punc_norm(
+    text: str,
+    replacements: tuple[tuple[str, str], ...] = _REPLACEMENTS,
+    sentence_ends: tuple[str, ...] = _SENTENCE_ENDS,
+) -> str:
     """Clean punctuation the way upstream Chatterbox does before tokenising.
 
     Capitalises the first letter, collapses whitespace, maps rare punctuation to what the model
@@ -39,6 +45,8 @@ def punc_norm(text: str, replacements: tuple[tuple[str, str], ...] = _REPLACEMEN
     Args:
         text: Text of one segment.
         replacements: The punctuation mapping, in order (Turbo keeps some of the Original's).
+        sentence_ends: Endings that need no added full stop (the multilingual model's
+            include CJK punctuation: :data:`MULTILINGUAL_SENTENCE_ENDS`).
 
     Returns:
         The cleaned text.
@@ -51,7 +59,7 @@ def punc_norm(text: str, replacements: tuple[tuple[str, str], ...] = _REPLACEMEN
     for old, new in replacements:
         text = text.replace(old, new)
     text = text.rstrip(" ")
-    if not text.endswith(_SENTENCE_ENDS):
+    if not text.endswith(sentence_ends):
         text += "."
     return text
 
@@ -76,7 +84,13 @@ class T3Tokenizer:
         if vocab.get("[START]") != START_TEXT_TOKEN or vocab.get("[STOP]") != STOP_TEXT_TOKEN:
             raise ValueError(f"{path} is not the Chatterbox English tokenizer")
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``punc_norm(text)`` framed by the start and stop text tokens."""
+    def encode(self, text: str, language: str | None = None) -> list[int]:
+        """Token ids of ``punc_norm(text)`` framed by the start and stop text tokens.
+
+        Args:
+            text: Text of one segment.
+            language: Ignored: the English model has no language token (the engine refuses
+                other languages before they get here).
+        """
         body = punc_norm(text).replace(" ", "[SPACE]")
         return [START_TEXT_TOKEN, *self._tokenizer.encode(body).ids, STOP_TEXT_TOKEN]

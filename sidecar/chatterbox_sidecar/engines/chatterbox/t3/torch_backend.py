@@ -184,7 +184,7 @@ class T3BatchDecoder(SlotDecoder):
         """Rows a decode step of ``requests`` guided requests runs over (two each)."""
         return min(2 * requests, self.n_slots)
 
-    def _text_ids(self, text: str) -> list[int]:
+    def _text_ids(self, text: str, language: str | None = None) -> list[int]:
         """Token ids of ``text``, checked on the host against the model's tables.
 
         An id past the text embedding or a prompt past the text position table would index
@@ -193,7 +193,7 @@ class T3BatchDecoder(SlotDecoder):
         Raises:
             ValueError: If an id or the length is out of range.
         """
-        ids = self.tokenizer.encode(text)
+        ids = self.tokenizer.encode(text, language)
         config = self.model.config
         if len(ids) > config.text_positions:
             raise ValueError(
@@ -214,7 +214,7 @@ class T3BatchDecoder(SlotDecoder):
         if not self.can_admit(request):
             raise ValueError("no free KV-cache slots")
         model = self.model
-        text_ids = torch.tensor(self._text_ids(request.text), dtype=torch.long)
+        text_ids = torch.tensor(self._text_ids(request.text, request.language), dtype=torch.long)
         cond = self._conditioning(request)
         rows = [model.prompt_embeds(cond, text_ids, unconditional=False)]
         if request.cfg_weight != 0:
@@ -472,6 +472,9 @@ class TorchT3Backend(T3Backend):
         prefill_batch: Most waiting requests prefilled together in one pass.
     """
 
+    #: T3 weights file in ``model_dir`` (a subclass serves another model's).
+    t3_file = "t3_cfg.safetensors"
+
     def __init__(
         self,
         model_dir: str | Path,
@@ -528,12 +531,12 @@ class TorchT3Backend(T3Backend):
     def _build_decoder(self) -> SlotDecoder:
         """Load the weights and tokenizer into this backend's decoder."""
         model = T3Model.from_safetensors(
-            self.model_dir / "t3_cfg.safetensors",
+            self.model_dir / self.t3_file,
             device=self.device,
             dtype=self.dtype,
             max_positions=self.max_seq_len,
         )
-        tokenizer = T3Tokenizer(self.model_dir / "tokenizer.json")
+        tokenizer = self._load_tokenizer()
         return T3BatchDecoder(
             model,
             tokenizer,
@@ -541,6 +544,10 @@ class TorchT3Backend(T3Backend):
             max_seq_len=self.max_seq_len,
             kv_bucket=self.kv_bucket,
         )
+
+    def _load_tokenizer(self) -> T3Tokenizer:
+        """Returns: the text tokenizer (the English ``tokenizer.json``)."""
+        return T3Tokenizer(self.model_dir / "tokenizer.json")
 
     def time_step(self, requests: int, kv_len: int = 512, repeats: int = 5) -> float | None:
         """Seconds one decode step takes for ``requests`` requests (CUDA graphs only).
