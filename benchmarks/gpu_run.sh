@@ -97,6 +97,11 @@ case "$step" in
       --out "$OUT/multi.json" "$@"
     cp -r "$OUT/multi/logs" "$OUT/sidecar_logs" 2>/dev/null
     ;;
+  align)  # issue 17: T3's CUDA tests (the alignment recording graphed = eager = a full pass),
+    # then what recording the alignment heads costs a decode step, a step() and a prefill
+    run 200 tests python3 -m pytest -q -p no:cacheprovider tests/chatterbox/test_t3_cuda.py
+    run 300 align python3 benchmarks/alignment_cost.py --out "$OUT/alignment_cost.json" "$@"
+    ;;
   *)
     echo "unknown step $step (profile or table)" >&2
     exit 2

@@ -60,7 +60,8 @@ def sequence(model: T3Model, req, ids: list[int], tokens: list[int]) -> tuple[to
     cond = model.conditioning(
         conds["speaker_emb"], conds["cond_prompt_speech_tokens"], req.exaggeration
     )
-    text = model.text_emb.weight[torch.tensor(ids)] + model.text_pos_emb.emb.weight[: len(ids)]
+    ids_t = torch.tensor(ids, device=model.device)
+    text = model.text_emb.weight[ids_t] + model.text_pos_emb.emb.weight[: len(ids)]
     bos = model.speech_emb.weight[6561] + model.speech_pos_emb.emb.weight[0]
     speech = [
         model.speech_emb.weight[t] + model.speech_pos_emb.emb.weight[i + 1]
@@ -70,8 +71,9 @@ def sequence(model: T3Model, req, ids: list[int], tokens: list[int]) -> tuple[to
 
 
 def reference_attention(model: T3Model, seq: torch.Tensor, heads) -> torch.Tensor:
-    """Every query's causal attention probabilities ``[L, len(heads), L]``, from a plain full
-    pass: each layer's input is caught on the way and its scores recomputed in float64."""
+    """Every query's causal attention probabilities ``[L, len(heads), L]`` (on the CPU), from a
+    plain full pass: each layer's input is caught on the way and its scores recomputed in
+    float64."""
     inputs: dict[int, torch.Tensor] = {}
     hooks = [
         layer.self_attn.register_forward_hook(
@@ -84,9 +86,9 @@ def reference_attention(model: T3Model, seq: torch.Tensor, heads) -> torch.Tenso
     finally:
         for hook in hooks:
             hook.remove()
-    n = seq.shape[0]
-    cos, sin = model.rope.lookup(torch.arange(n), torch.float64)
-    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    n, device = seq.shape[0], seq.device
+    cos, sin = model.rope.lookup(torch.arange(n, device=device), torch.float64)
+    causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
     maps = []
     for layer, head in heads:
         attn = model.tfmr.layers[layer].self_attn
@@ -96,7 +98,7 @@ def reference_attention(model: T3Model, seq: torch.Tensor, heads) -> torch.Tenso
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
         scores = (q @ k.T / 8.0).masked_fill(~causal, float("-inf"))
         maps.append(scores.softmax(-1))
-    return torch.stack(maps, dim=1)
+    return torch.stack(maps, dim=1).cpu()
 
 
 @pytest.mark.parametrize("together", [False, True])
