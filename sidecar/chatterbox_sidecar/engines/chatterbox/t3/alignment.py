@@ -9,8 +9,15 @@ position with a monotonic Viterbi path (the position never goes back and moves a
 argmax would follow. Speech tokens are 40 ms of audio each, so the path gives word timings
 (:func:`word_timings`), and the same signal tells when the text is fully spoken
 (:attr:`AttentionAligner.complete`) and when speech runs on past it
-(:attr:`AttentionAligner.long_tail`), which a backend may use to end a segment whose stop token
-does not come.
+(:attr:`AttentionAligner.long_tail`).
+
+Word timestamps only: the engine does not use ``long_tail`` or ``suppress_stop`` to end or hold
+a segment (upstream did so, for its multilingual model). The alignment is recorded only for
+requests that ask for timestamps, and a request's tokens must not depend on whether it asked;
+the heads are upstream's for the multilingual checkpoint, unverified on the English one; a
+missed stop token is already bounded by the per-piece speech-token budget
+(``model_files.speech_token_budget``); and upstream removed its analyzer in its latest release.
+A long tail is logged (``word_timing.PieceTimer``). benchmarks/NOTES.md (issue 17) has more.
 
 Pure numpy over attention maps: no torch, no model. What a T3 backend must hand in
 (:meth:`AttentionAligner.step`): per step and request, the attention probabilities of the step's
