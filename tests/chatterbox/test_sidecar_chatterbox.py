@@ -111,7 +111,9 @@ async def test_protocol_end_to_end_on_the_chatterbox_engine(sidecar_factory, mod
         # modulo its shape: the path is arbitrary, the messages' shape and order are not).
         assert ready["word_timestamps"] is True
         assert not timestamps_of(client, "a") and not timestamps_of(client, "b")
-        timed = await client.synthesize(text, context_id="w", word_timestamps=True, seed=3)
+        timed = await client.synthesize(
+            text, context_id="w", word_timestamps=True, exaggeration=0.7, seed=3
+        )
         assert timed.started["word_timestamps"] is True and timed.end["type"] == "done"
         assert timed.audio_bytes == result.audio_bytes  # recording the heads changes no token
         check_timestamps(client, "w", text, timed.end["audio_seconds"])
