@@ -240,6 +240,22 @@ class _Playback:
         return asked_at if self.started is None else self.started + self.emitted
 
 
+def _alignment_reader(
+    tokens: Any, timer: PieceTimer | None, request: T3Request
+) -> Callable[[], None] | None:
+    """Start ``timer`` on a T3 token stream; returns what feeds it the rows handed out so far.
+
+    None without a timer, or when the stream carries no alignment (the timer then times
+    nothing, and the session places the piece's words with the next timed ones).
+    """
+    if timer is None:
+        return None
+    timer.label = request.request_id
+    take = getattr(tokens, "take_alignment", None)
+    timer.begin(getattr(tokens, "text_tokens", None) if take is not None else None)
+    return (lambda: timer.add(take())) if take is not None else None
+
+
 class ChatterboxEngine(Engine):
     """Chatterbox (T3 + streamed S3Gen) behind the engine interface.
 
@@ -785,15 +801,12 @@ class ChatterboxEngine(Engine):
     async def _pump(self, request: T3Request, pump: _TokenPump) -> None:
         assert self._t3 is not None
         tokens = self._t3.generate(request)
-        timer = pump.timer
-        if timer is not None:
-            timer.label = request.request_id
-            timer.begin(getattr(tokens, "text_tokens", None))
+        take_rows = _alignment_reader(tokens, pump.timer, request)
         try:
             async for delta in tokens:
                 pump.buffer.extend(delta)
-                if timer is not None:  # before the tokens can reach S3Gen
-                    timer.add(tokens.take_alignment())
+                if take_rows is not None:  # before the tokens can reach S3Gen
+                    take_rows()
                 pump.changed.set()
         except asyncio.CancelledError:
             raise
@@ -844,14 +857,12 @@ class ChatterboxEngine(Engine):
         assert self._t3 is not None
         tokens: list[int] = []
         stream = self._t3.generate(request)
-        if timer is not None:
-            timer.label = request.request_id
-            timer.begin(getattr(stream, "text_tokens", None))
+        take_rows = _alignment_reader(stream, timer, request)
         try:
             async for delta in stream:
                 tokens.extend(delta)
-                if timer is not None:
-                    timer.add(stream.take_alignment())
+                if take_rows is not None:
+                    take_rows()
         except asyncio.CancelledError:
             raise
         except Exception as e:
