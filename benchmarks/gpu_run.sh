@@ -107,6 +107,11 @@ case "$step" in
     run 230 voice_bench_gil python3 benchmarks/voice_bench.py --streams 16 --seconds 30 \
       --voices 10 --env TTS_GIL_SWITCH_MS=0.5 --name _gil05 --out "$OUT/voice_bench_gil05.json"
     ;;
+  align)  # issue 17: T3's CUDA tests (the alignment recording graphed = eager = a full pass),
+    # then what recording the alignment heads costs a decode step, a step() and a prefill
+    run 200 tests python3 -m pytest -q -p no:cacheprovider tests/chatterbox/test_t3_cuda.py
+    run 300 align python3 benchmarks/alignment_cost.py --out "$OUT/alignment_cost.json" "$@"
+    ;;
   *)
     echo "unknown step $step (profile or table)" >&2
     exit 2

@@ -43,6 +43,42 @@ def chatterbox_env(model_dir: Path) -> dict[str, str]:
     }
 
 
+PIECES = ["It costs $5 million,", " my friend. Call me", " back today!"]
+
+
+def timestamps_of(client: TTSClient, context_id: str) -> list[dict]:
+    return [
+        m
+        for m in client.messages
+        if isinstance(m, dict) and m["type"] == "timestamps" and m["context_id"] == context_id
+    ]
+
+
+def check_timestamps(client: TTSClient, context_id: str, text: str, audio_seconds: float) -> None:
+    """Every word of ``text`` once, in order, starts non-decreasing within the audio, and each
+    ``timestamps`` message before the audio that holds its words (never after it)."""
+    messages = [
+        m for m in client.messages if isinstance(m, bytes) or m.get("context_id") == context_id
+    ]
+    kinds = [m["type"] if isinstance(m, dict) else "audio" for m in messages]
+    start = kinds.index("started")  # contexts here run one after another: the audio between
+    # this context's started and done is its own
+    received_s, words = 0.0, []
+    for m in messages[start + 1 :]:
+        if isinstance(m, bytes):
+            received_s += len(m) / 4 / 24000  # pcm_f32le at 24 kHz
+        elif m["type"] == "timestamps":
+            assert len(m["words"]) == len(m["start"]) == len(m["end"]) > 0
+            assert min(m["start"]) >= received_s - 1 / 24000, (m, received_s)
+            words += list(zip(m["words"], m["start"], m["end"], strict=True))
+        elif m["type"] == "done":
+            break
+    assert [w for w, _, _ in words] == text.split()
+    starts = [s for _, s, _ in words]
+    assert starts == sorted(starts) and all(e >= s for _, s, e in words)
+    assert 0 <= starts[0] and words[-1][2] <= audio_seconds + 0.01
+
+
 def expected_seconds(text: str) -> float:
     tokens = sum(min(speech_token_budget(s), len(SCRIPT)) for s in split_text(text))
     return tokens * SAMPLES_PER_TOKEN / 24000
@@ -71,12 +107,32 @@ async def test_protocol_end_to_end_on_the_chatterbox_engine(sidecar_factory, mod
         )
         assert phone.started["streaming"] is False
         assert len(phone.audio_bytes) == pytest.approx(expected_seconds(text) * 8000, abs=2)
-        # The engine does not time words yet: asking is no error, started says so, none come.
-        assert ready["word_timestamps"] is False
-        timed = await client.synthesize(text, context_id="w", word_timestamps=True)
-        assert timed.started["word_timestamps"] is False and timed.end["type"] == "done"
-        assert len(timed.audio_bytes) == len(result.audio_bytes)
-        assert not [m for m in client.messages if isinstance(m, dict) and m["type"] == "timestamps"]
+        # Word timestamps from T3's alignment heads (on this 1-layer checkpoint, the heads taken
+        # modulo its shape: the path is arbitrary, the messages' shape and order are not).
+        assert ready["word_timestamps"] is True
+        assert not timestamps_of(client, "a") and not timestamps_of(client, "b")
+        timed = await client.synthesize(
+            text, context_id="w", word_timestamps=True, exaggeration=0.7, seed=3
+        )
+        assert timed.started["word_timestamps"] is True and timed.end["type"] == "done"
+        assert timed.audio_bytes == result.audio_bytes  # recording the heads changes no token
+        check_timestamps(client, "w", text, timed.end["audio_seconds"])
+
+        # Several messages into one context ("$5" is spoken "five dollars", one word).
+        for piece in PIECES:
+            await client.send(
+                {
+                    "type": "synthesize",
+                    "context_id": "m",
+                    "text": piece,
+                    "continue": True,
+                    "word_timestamps": True,
+                }
+            )
+        await client.send({"type": "flush", "context_id": "m"})
+        many = (await client.collect(1))["m"]
+        assert many.end["type"] == "done"
+        check_timestamps(client, "m", "".join(PIECES), many.end["audio_seconds"])
 
 
 async def test_cancel_and_cloned_voice_survive_restart(sidecar_factory, model_dir, tmp_path):

@@ -10,6 +10,7 @@ import asyncio
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from chatterbox_sidecar.engines.chatterbox.t3.model import T3Model
@@ -140,3 +141,57 @@ async def test_full_size_bf16_streams_concurrent_requests(full_dir, graphs):
             )
     finally:
         await backend.close()
+
+
+def test_cuda_graphs_record_alignment_like_eager_and_a_full_pass(small_dir):
+    from .test_t3_alignment_capture import reference_attention, sequence
+
+    model = T3Model.from_safetensors(
+        small_dir / "t3_cfg.safetensors", device="cuda", max_positions=256
+    )
+    tok = T3Tokenizer(small_dir / "tokenizer.json")
+    reqs = [
+        request("a", seed=1, max_new_tokens=10, alignment=True),
+        request("plain", text="Not timed.", seed=5, max_new_tokens=6),
+        request(
+            "b",
+            text="Two words, unguided.",
+            conditionals=make_conds(4),
+            cfg_weight=0.0,
+            seed=2,
+            max_new_tokens=12,
+            alignment=True,
+        ),
+    ]
+    eager = T3BatchDecoder(model, tok, max_batch_size=3, max_seq_len=256)
+    graphed = T3BatchDecoder(model, tok, max_batch_size=3, max_seq_len=256, kv_bucket=16)
+    with torch.inference_mode():
+        graphed.capture_graphs()
+    assert graphed.aligned_graph_keys == graphed.graph_keys  # a recording twin of each graph
+    heads = graphed._align.heads
+    for together in (False, True):
+        want = run_decoder(eager, reqs, prefill_together=together)
+        got = run_decoder(graphed, reqs, prefill_together=together)
+        assert all(o.alignment is None for o in got["plain"])
+        for r in reqs:
+            assert [o.token for o in got[r.request_id]] == [o.token for o in want[r.request_id]]
+        for r in (reqs[0], reqs[2]):
+            ids = tok.encode(r.text)
+            tokens = [o.token for o in got[r.request_id]]
+            with torch.inference_mode():
+                seq, c = sequence(model, r, ids, tokens)
+                ref = reference_attention(model, seq, heads)
+            first = c + len(ids) + 1
+            for step, (a, b) in enumerate(zip(got[r.request_id], want[r.request_id], strict=True)):
+                np.testing.assert_allclose(a.alignment, b.alignment, atol=1e-5, rtol=1e-4)
+                expected = ref[first + step, :, c : c + len(ids)].numpy()
+                np.testing.assert_allclose(a.alignment, expected, atol=1e-4, rtol=1e-3)
+    # Decode steps where nobody asks replay the plain graphs and record nothing.
+    with torch.inference_mode():
+        graphed.add(reqs[1])
+        graphed._align.out.fill_(-1.0)
+        steps = 0
+        while graphed.active_ids:
+            assert all(o.alignment is None for o in graphed.step())
+            steps += 1
+    assert steps <= 5 and bool((graphed._align.out == -1.0).all())

@@ -14,6 +14,11 @@ serves the earliest deadline first; first chunks take a lane of their own.
 
 S3Gen (and the voice conditioning) run in worker threads, never on the event loop. Closing the
 audio iterator aborts the T3 request; at most the chunk being decoded is finished first.
+
+Word timestamps (a context that asks, on the torch T3 backend): each piece's T3 request streams
+its attention alignment with its tokens, and the chunks come as :class:`AlignedAudio` carrying
+the timings of the words that start in them (``word_timing``: how, and the latency it costs).
+The vLLM backend exposes no attention probabilities: with it ``word_timestamps`` stays false.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import numpy as np
 from loguru import logger
 
 from chatterbox_sidecar.engines.base import (
+    AlignedAudio,
     Engine,
     EngineError,
     EngineInfo,
@@ -60,6 +66,7 @@ from chatterbox_sidecar.engines.chatterbox.s3gen.stream import (
 )
 from chatterbox_sidecar.engines.chatterbox.scheduler import ChunkScheduler
 from chatterbox_sidecar.engines.chatterbox.t3.backend import T3Backend, T3Request
+from chatterbox_sidecar.engines.chatterbox.word_timing import PieceTimer, piece_offsets
 from chatterbox_sidecar.text import split_text
 from chatterbox_sidecar.voices import Voice
 
@@ -74,6 +81,10 @@ CUDA_REFERENCE_SECONDS = 4.0
 # takes there (first chunks always go there).
 FAST_MAX_BATCH = 16
 FAST_MAX_TOKENS = 28
+ALIGNMENT_SOURCE = (
+    "T3 text-speech attention (upstream's multilingual alignment heads; accuracy on the "
+    "English model unmeasured)"
+)
 
 
 @dataclass(frozen=True)
@@ -213,6 +224,7 @@ class _TokenPump:
     """Tokens of one T3 request, gathered on the event loop while S3Gen works."""
 
     buffer: list[int] = field(default_factory=list)
+    timer: PieceTimer | None = None  # fed the tokens' alignment rows as they come
     done: bool = False
     error: BaseException | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -228,6 +240,22 @@ class _Playback:
     def dry_at(self, asked_at: float) -> float:
         """Loop time at which the listener runs out of audio (``asked_at`` before any)."""
         return asked_at if self.started is None else self.started + self.emitted
+
+
+def _alignment_reader(
+    tokens: Any, timer: PieceTimer | None, request: T3Request
+) -> Callable[[], None] | None:
+    """Start ``timer`` on a T3 token stream; returns what feeds it the rows handed out so far.
+
+    None without a timer, or when the stream carries no alignment (the timer then times
+    nothing, and the session places the piece's words with the next timed ones).
+    """
+    if timer is None:
+        return None
+    timer.label = request.request_id
+    take = getattr(tokens, "take_alignment", None)
+    timer.begin(getattr(tokens, "text_tokens", None) if take is not None else None)
+    return (lambda: timer.add(take())) if take is not None else None
 
 
 class ChatterboxEngine(Engine):
@@ -316,7 +344,14 @@ class ChatterboxEngine(Engine):
                 capacity = await self._in_s3(self._calibrate)
             # the multilingual tokenizer may lack a language's optional package
             languages = getattr(self._t3, "languages", None) or self.info.languages
-            self.info = dataclasses.replace(self.info, capacity=capacity, languages=languages)
+            aligned = bool(getattr(self._t3, "word_alignment", False))
+            self.info = dataclasses.replace(
+                self.info,
+                capacity=capacity,
+                languages=languages,
+                word_timestamps=aligned,
+                alignment_source=ALIGNMENT_SOURCE if aligned else None,
+            )
         except EngineError:
             raise
         except Exception as e:
@@ -328,7 +363,8 @@ class ChatterboxEngine(Engine):
             f"{cfg.resolved_flow_steps()} flow steps, "
             f"reference <= {cfg.resolved_reference_seconds():g} s, "
             f"S3Gen graphs {self._decoder.cuda_graphs}, flow {self._decoder.flow_dtype}, "
-            f"fast lane {self._fast_decoder is not None}, capacity {self.info.capacity})"
+            f"fast lane {self._fast_decoder is not None}, capacity {self.info.capacity}, "
+            f"word timestamps {self.info.word_timestamps})"
         )
 
     def _load_s3gen(self) -> None:
@@ -634,8 +670,12 @@ class ChatterboxEngine(Engine):
         segments: AsyncIterator[str],
         params: SynthesisParams,
         voice: Voice | None,
-    ) -> AsyncIterator[np.ndarray]:
-        """Stream audio for one context (see :meth:`Engine.synthesize`)."""
+    ) -> AsyncIterator[np.ndarray | AlignedAudio]:
+        """Stream audio for one context (see :meth:`Engine.synthesize`).
+
+        With ``params.word_timestamps`` (and ``info.word_timestamps``) every chunk is an
+        :class:`AlignedAudio` holding the timings of the words that start in it.
+        """
         if self._t3 is None or self._decoder is None:
             raise EngineError("chatterbox engine is not started")
         if params.language not in self.info.languages:
@@ -646,23 +686,27 @@ class ChatterboxEngine(Engine):
         cached = await self._voice(voice)
         self._requests += 1
         context = f"ctx{self._requests}-{uuid.uuid4().hex[:8]}"
+        timed = params.word_timestamps and self.info.word_timestamps
         if params.streaming:
             index = 0
             playback = _Playback()
+            number = -1
             async for segment in segments:
-                for piece in self._pieces(segment, params.language):
-                    request = self._request(f"{context}-{index}", piece, cached, params)
+                number += 1
+                for piece, timer in self._timed_pieces(number, segment, timed, params.language):
+                    request = self._request(f"{context}-{index}", piece, cached, params, timer)
                     index += 1
                     # aclosing: T3 is aborted when our consumer stops, not at garbage collection
-                    pieces = self._stream_piece(request, cached.reference, playback)
+                    pieces = self._stream_piece(request, cached.reference, playback, timer)
                     async with aclosing(pieces) as audios:
                         async for audio in audios:
                             yield audio
         else:
-            language = params.language
-            pieces = [
-                piece async for segment in segments for piece in self._pieces(segment, language)
-            ]
+            pieces = []
+            number = -1
+            async for segment in segments:
+                number += 1
+                pieces += self._timed_pieces(number, segment, timed, params.language)
             async with aclosing(self._batch(context, pieces, cached, params)) as audios:
                 async for audio in audios:
                     yield audio
@@ -679,8 +723,25 @@ class ChatterboxEngine(Engine):
             language=language,
         )
 
+    def _timed_pieces(
+        self, number: int, segment: str, timed: bool, language: str
+    ) -> list[tuple[str, PieceTimer | None]]:
+        """The pieces of segment ``number``, each with its word timer when timestamps are on."""
+        pieces = self._pieces(segment, language)
+        if not timed:
+            return [(piece, None) for piece in pieces]
+        return [
+            (piece, PieceTimer(number, offset, piece) if offset is not None else None)
+            for piece, offset in zip(pieces, piece_offsets(segment, pieces), strict=True)
+        ]
+
     def _request(
-        self, request_id: str, text: str, cached: _CachedVoice, params: SynthesisParams
+        self,
+        request_id: str,
+        text: str,
+        cached: _CachedVoice,
+        params: SynthesisParams,
+        timer: PieceTimer | None = None,
     ) -> T3Request:
         from chatterbox_sidecar.engines.chatterbox.model_files import speech_token_budget
 
@@ -702,15 +763,21 @@ class ChatterboxEngine(Engine):
             max_new_tokens=speech_token_budget(text, max_tokens=cfg.max_speech_tokens),
             seed=params.seed,
             language=params.language,
+            alignment=timer is not None,
         )
 
     async def _stream_piece(
-        self, request: T3Request, reference: Reference, playback: _Playback
-    ) -> AsyncIterator[np.ndarray]:
+        self,
+        request: T3Request,
+        reference: Reference,
+        playback: _Playback,
+        timer: PieceTimer | None = None,
+    ) -> AsyncIterator[np.ndarray | AlignedAudio]:
         assert self._t3 is not None and self._decoder is not None and self._scheduler is not None
         decoder, cfg, scheduler = self._decoder, self._stream_config, self._scheduler
         stream = decoder.new_stream(reference)
-        pump = _TokenPump()
+        pump = _TokenPump(timer=timer)
+        samples = 0  # of the piece, yielded so far
         task = asyncio.create_task(self._pump(request, pump), name=f"t3-{request.request_id}")
         loop = asyncio.get_running_loop()
         asked_at = loop.time()
@@ -743,10 +810,18 @@ class ChatterboxEngine(Engine):
                             await asyncio.wait_for(pump.changed.wait(), wake)
                         continue
                     audio = await scheduler.decode(stream, False, deadline, hop)
+                spans: tuple = ()
+                if timer is not None:  # the words that start in this chunk come with it
+                    end = None if stream.finished else (samples + len(audio)) / SAMPLE_RATE
+                    spans = timer.take(samples / SAMPLE_RATE, end)
+                    samples += len(audio)
                 if len(audio):
                     if playback.started is None:
                         playback.started = loop.time()
                     playback.emitted += len(audio) / SAMPLE_RATE
+                if timer is not None and (len(audio) or spans):
+                    yield AlignedAudio(audio, spans)
+                elif len(audio):
                     yield audio
         finally:
             if not task.done():
@@ -763,9 +838,12 @@ class ChatterboxEngine(Engine):
     async def _pump(self, request: T3Request, pump: _TokenPump) -> None:
         assert self._t3 is not None
         tokens = self._t3.generate(request)
+        take_rows = _alignment_reader(tokens, pump.timer, request)
         try:
             async for delta in tokens:
                 pump.buffer.extend(delta)
+                if take_rows is not None:  # before the tokens can reach S3Gen
+                    take_rows()
                 pump.changed.set()
         except asyncio.CancelledError:
             raise
@@ -780,36 +858,48 @@ class ChatterboxEngine(Engine):
                     await close()
 
     async def _batch(
-        self, context: str, pieces: list[str], cached: _CachedVoice, params: SynthesisParams
-    ) -> AsyncIterator[np.ndarray]:
+        self,
+        context: str,
+        pieces: list[tuple[str, PieceTimer | None]],
+        cached: _CachedVoice,
+        params: SynthesisParams,
+    ) -> AsyncIterator[np.ndarray | AlignedAudio]:
         assert self._scheduler is not None
         scheduler = self._scheduler
 
-        async def piece_audio(i: int, piece: str) -> np.ndarray:
-            tokens = await self._collect(self._request(f"{context}-{i}", piece, cached, params))
+        async def piece_audio(i: int, piece: str, timer: PieceTimer | None) -> np.ndarray:
+            request = self._request(f"{context}-{i}", piece, cached, params, timer)
+            tokens = await self._collect(request, timer)
             tokens.extend(self._spec.silence_tokens)
             return self._trim_final(await scheduler.decode_whole(cached.reference, tokens))
 
         # Every piece generates and decodes at once (S3Gen batches them with other contexts'
         # pieces); the audio goes out in order.
-        tasks = [asyncio.create_task(piece_audio(i, p)) for i, p in enumerate(pieces)]
+        tasks = [asyncio.create_task(piece_audio(i, *p)) for i, p in enumerate(pieces)]
         try:
-            for task in tasks:
+            for task, (_, timer) in zip(tasks, pieces, strict=True):
                 audio = await task
-                if len(audio):
+                if timer is not None:  # the whole piece's path is known: all its words
+                    spans = timer.take(0.0, None)
+                    if len(audio) or spans:
+                        yield AlignedAudio(audio, spans)
+                elif len(audio):
                     yield audio
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _collect(self, request: T3Request) -> list[int]:
+    async def _collect(self, request: T3Request, timer: PieceTimer | None = None) -> list[int]:
         assert self._t3 is not None
         tokens: list[int] = []
         stream = self._t3.generate(request)
+        take_rows = _alignment_reader(stream, timer, request)
         try:
             async for delta in stream:
                 tokens.extend(delta)
+                if take_rows is not None:
+                    take_rows()
         except asyncio.CancelledError:
             raise
         except Exception as e:

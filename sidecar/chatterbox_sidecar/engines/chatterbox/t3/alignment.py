@@ -9,8 +9,15 @@ position with a monotonic Viterbi path (the position never goes back and moves a
 argmax would follow. Speech tokens are 40 ms of audio each, so the path gives word timings
 (:func:`word_timings`), and the same signal tells when the text is fully spoken
 (:attr:`AttentionAligner.complete`) and when speech runs on past it
-(:attr:`AttentionAligner.long_tail`), which a backend may use to end a segment whose stop token
-does not come.
+(:attr:`AttentionAligner.long_tail`).
+
+Word timestamps only: the engine does not use ``long_tail`` or ``suppress_stop`` to end or hold
+a segment (upstream did so, for its multilingual model). The alignment is recorded only for
+requests that ask for timestamps, and a request's tokens must not depend on whether it asked;
+the heads are upstream's for the multilingual checkpoint, unverified on the English one; a
+missed stop token is already bounded by the per-piece speech-token budget
+(``model_files.speech_token_budget``); and upstream removed its analyzer in its latest release.
+A long tail is logged (``word_timing.PieceTimer``). benchmarks/NOTES.md (issue 17) has more.
 
 Pure numpy over attention maps: no torch, no model. What a T3 backend must hand in
 (:meth:`AttentionAligner.step`): per step and request, the attention probabilities of the step's
@@ -30,6 +37,7 @@ import numpy as np
 # (layer, head) of the Llama_520M T3 (30 layers x 16 heads) whose attention follows the text,
 # as found by upstream Chatterbox (its multilingual AlignmentStreamAnalyzer).
 ALIGNMENT_HEADS: tuple[tuple[int, int], ...] = ((12, 15), (13, 11), (9, 2))
+ALIGNMENT_MODEL = (30, 16)  # (layers, heads) of the model those heads belong to
 SPEECH_TOKEN_SECONDS = 0.04  # S3 speech tokens run at 25 Hz
 MAX_JUMP = 4  # text tokens the position may move per speech token (spaces, punctuation)
 START_WINDOW = 3  # the path starts on one of the first text tokens
@@ -38,6 +46,29 @@ LONG_TAIL_STEPS = 5  # speech tokens (200 ms) past the end that make a tail too 
 _EPS = 1e-6
 _SPECIAL = re.compile(r"\[[A-Z_]+\]")
 _ALNUM = re.compile(r"[^\W_]")
+
+
+def alignment_heads(n_layers: int, n_heads: int) -> tuple[tuple[int, int], ...]:
+    """The ``(layer, head)`` pairs whose attention a T3 of this shape records for alignment.
+
+    The 30-layer, 16-head T3 (the Llama_520M of the English and multilingual models) gets
+    :data:`ALIGNMENT_HEADS`. A smaller network (the test checkpoints) gets each of those pairs
+    taken modulo its own layer and head counts, ``(layer % n_layers, head % n_heads)``: the
+    same number of captures, spread over the layers it has, so that the capture code runs on
+    small models too. Their alignment follows no text (random or unrelated weights).
+
+    Args:
+        n_layers: Decoder layers of the model.
+        n_heads: Attention heads per layer.
+
+    Returns:
+        One pair per entry of :data:`ALIGNMENT_HEADS`, in its order.
+    """
+    if n_layers < 1 or n_heads < 1:
+        raise ValueError("a model needs at least one layer and one head")
+    if (n_layers, n_heads) == ALIGNMENT_MODEL:
+        return ALIGNMENT_HEADS
+    return tuple((layer % n_layers, head % n_heads) for layer, head in ALIGNMENT_HEADS)
 
 
 class AttentionAligner:

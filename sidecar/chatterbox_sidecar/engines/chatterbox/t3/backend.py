@@ -30,6 +30,8 @@ class T3Request:
         max_new_tokens: Speech-token budget for this segment.
         seed: Random seed, or None.
         language: ISO 639-1 code of the text (the multilingual model's language token).
+        alignment: Stream the text alignment of each speech token with it (word timestamps;
+            only on a backend whose ``word_alignment`` is True, see :meth:`T3Backend.generate`).
     """
 
     request_id: str
@@ -44,10 +46,15 @@ class T3Request:
     max_new_tokens: int = 1000
     seed: int | None = None
     language: str = "en"
+    alignment: bool = False
 
 
 class T3Backend(ABC):
     """Generates S3 speech tokens (ids < 6561) for requests, many at once."""
+
+    #: Whether requests with ``alignment`` get their attention alignment streamed (the torch
+    #: backend's Original model; never vLLM, whose attention kernels expose no probabilities).
+    word_alignment: bool = False
 
     @abstractmethod
     async def start(self) -> None:
@@ -63,7 +70,9 @@ class T3Backend(ABC):
         Returns:
             An async iterator of token-id lists (deltas, in order; only valid speech tokens,
             never the start/stop tokens). It ends at the stop token or the budget. Closing it
-            or cancelling its consumer aborts the request.
+            or cancelling its consumer aborts the request. With ``request.alignment`` on a
+            backend with ``word_alignment``, it is a :class:`~.stream.TokenStream` whose
+            ``text_tokens`` and ``take_alignment()`` give each token's attention over the text.
         """
 
     @abstractmethod

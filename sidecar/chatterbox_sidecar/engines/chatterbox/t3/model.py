@@ -15,10 +15,16 @@ The backbone runs in three modes that share one attention implementation:
 - :meth:`T3Model.decode`: one token for each of the first ``rows`` cache slots, reading and
   writing the cache at per-row positions. Shapes depend only on ``rows`` and ``kv_len``, so a
   static cache and CUDA-graph capture can be layered on later.
+
+Prefill and decode can also record, for word timestamps, the attention probabilities of a few
+heads from each row's newest query over the text keys (:class:`AlignmentCapture`): the heads
+upstream Chatterbox found to follow the text (``t3.alignment.ALIGNMENT_HEADS``). They are
+written into a static buffer, so a CUDA graph can record the capture too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -328,6 +334,37 @@ class T3KVCache:
         return self.k.numel() * self.k.element_size() * 2
 
 
+@dataclass(frozen=True)
+class AlignmentCapture:
+    """Where a pass writes the attention probabilities of chosen heads over the text keys.
+
+    For each row, its newest query (decode: the row's one token; prefill: the row's last real
+    position) is scored against the keys and softmaxed over all it may attend to, in float32,
+    as attention does; the probabilities of the ``width`` keys from the row's first text key
+    on are written to ``out[row, i]`` for the ``i``-th head of ``heads``. Columns past the
+    pass's keys hold repeats of its last key: the reader uses only the text's own columns.
+
+    Parameters:
+        heads: ``(layer, head)`` pairs, in the order of ``out``'s second axis.
+        text_start: Index of the first text key of each cache slot ``[slots]`` (its
+            conditioning length).
+        out: Float32 ``[rows, len(heads), width]``, at least as many rows as the pass.
+        slots: Prefill only: the slot of each row ``[B]`` (decode: row ``i`` is slot ``i``).
+        query_rows: Prefill only: index of each row's last real position ``[B]`` (None: the
+            last position of every row).
+    """
+
+    heads: tuple[tuple[int, int], ...]
+    text_start: Tensor
+    out: Tensor
+    slots: Tensor | None = None
+    query_rows: Tensor | None = None
+
+    def layer_heads(self, layer: int) -> list[tuple[int, int]]:
+        """Returns: ``(index in out, head)`` of the captured heads in ``layer``."""
+        return [(i, head) for i, (at, head) in enumerate(self.heads) if at == layer]
+
+
 @dataclass
 class AttnContext:
     """How attention reads and writes keys/values in one backbone pass."""
@@ -338,6 +375,34 @@ class AttnContext:
     positions: Tensor | None = None  # decode: [S] write position of each row
     mask: Tensor | None = None  # decode: [S, 1, 1, kv_len] attendable keys
     kv_len: int = 0
+    align: AlignmentCapture | None = None  # prefill and decode: heads to record
+
+
+def _capture_alignment(
+    q: Tensor, keys: Tensor, allowed: Tensor, align: AlignmentCapture, layer: int
+) -> None:
+    """Write the attention probabilities of ``align``'s heads in ``layer`` (see its doc).
+
+    Args:
+        q: Each row's newest query [B, heads, head_dim].
+        keys: The keys it attends over [B, kv_heads, K, head_dim].
+        allowed: Keys each row may attend to [B, K] (bool).
+        align: The capture.
+        layer: The layer's index.
+    """
+    pairs = align.layer_heads(layer)
+    if not pairs:
+        return
+    b, n_heads, dim = q.shape
+    group = n_heads // keys.shape[1]
+    width = align.out.shape[2]
+    starts = align.text_start[align.slots] if align.slots is not None else align.text_start[:b]
+    columns = starts[:, None] + torch.arange(width, device=q.device)[None, :]
+    columns = columns.clamp(max=keys.shape[2] - 1)
+    for index, head in pairs:
+        scores = torch.einsum("bd,bkd->bk", q[:, head].float(), keys[:, head // group].float())
+        scores = scores.mul(1.0 / math.sqrt(dim)).masked_fill(~allowed, float("-inf"))
+        align.out[:b, index] = scores.softmax(dim=-1).gather(1, columns)
 
 
 def cached_attention(
@@ -358,6 +423,7 @@ def cached_attention(
         The attention output [B, heads, L, head_dim].
     """
     b, _, n, _ = q.shape
+    align = ctx.align
     if ctx.mode == "decode":
         assert ctx.cache is not None and ctx.positions is not None
         rows = torch.arange(b, device=q.device)
@@ -366,6 +432,8 @@ def cached_attention(
         v_cache[rows, :, ctx.positions] = v[:, :, 0]
         keys = k_cache[:b, :, : ctx.kv_len]
         values = v_cache[:b, :, : ctx.kv_len]
+        if align is not None and ctx.mask is not None:
+            _capture_alignment(q[:, :, 0], keys, ctx.mask[:, 0, 0], align, layer)
         return F.scaled_dot_product_attention(
             q, keys, values, attn_mask=ctx.mask, enable_gqa=enable_gqa
         )
@@ -373,6 +441,13 @@ def cached_attention(
         assert ctx.cache is not None and ctx.slots is not None
         ctx.cache.k[layer][ctx.slots, :, :n] = k
         ctx.cache.v[layer][ctx.slots, :, :n] = v
+        if align is not None:
+            last = align.query_rows
+            if last is None:
+                last = torch.full((b,), n - 1, dtype=torch.long, device=q.device)
+            query = q[torch.arange(b, device=q.device), :, last]  # [B, heads, head_dim]
+            allowed = torch.arange(n, device=q.device)[None, :] <= last[:, None]
+            _capture_alignment(query, k, allowed, align, layer)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
 
 
@@ -626,7 +701,12 @@ class T3Model(nn.Module):
         return self.tfmr(embeds.to(self.dtype), cos, sin, AttnContext("full"))
 
     def prefill(
-        self, embeds: Tensor, cache: T3KVCache, slots: Tensor, lengths: Tensor | None = None
+        self,
+        embeds: Tensor,
+        cache: T3KVCache,
+        slots: Tensor,
+        lengths: Tensor | None = None,
+        align: AlignmentCapture | None = None,
     ) -> Tensor:
         """Run new prompts and store their keys/values.
 
@@ -639,6 +719,8 @@ class T3Model(nn.Module):
             cache: The cache to write.
             slots: Cache slot of each row [B].
             lengths: Real length of each row [B] (None: all ``L``).
+            align: Record the alignment heads' attention from each row's last real position
+                (row ``k`` of ``align.out`` is row ``k`` of the batch).
 
         Returns:
             Final hidden state of each row's last real position [B, D].
@@ -646,13 +728,23 @@ class T3Model(nn.Module):
         b, n, _ = embeds.shape
         positions = torch.arange(n, device=embeds.device).expand(b, n)
         cos, sin = self._rope(positions, n)
-        ctx = AttnContext("prefill", cache=cache, slots=slots)
+        if align is not None:
+            last = lengths - 1 if lengths is not None else None
+            align = dataclasses.replace(align, slots=slots, query_rows=last)
+        ctx = AttnContext("prefill", cache=cache, slots=slots, align=align)
         hidden = self.tfmr(embeds.to(self.dtype), cos, sin, ctx)
         if lengths is None:
             return hidden[:, -1]
         return hidden[torch.arange(b, device=hidden.device), lengths - 1]
 
-    def decode(self, embeds: Tensor, positions: Tensor, cache: T3KVCache, kv_len: int) -> Tensor:
+    def decode(
+        self,
+        embeds: Tensor,
+        positions: Tensor,
+        cache: T3KVCache,
+        kv_len: int,
+        align: AlignmentCapture | None = None,
+    ) -> Tensor:
         """One token for each of the first ``R`` cache slots.
 
         Row ``i`` is slot ``i``: its token is written at ``positions[i]`` and attends to that
@@ -664,6 +756,8 @@ class T3Model(nn.Module):
             positions: Sequence position of each row's token [R] (its RoPE position too).
             cache: The cache.
             kv_len: Keys to attend over, greater than every position.
+            align: Record the alignment heads' attention from each row's token (row ``i`` of
+                ``align.out`` is slot ``i``).
 
         Returns:
             Final hidden states [R, D].
@@ -671,5 +765,7 @@ class T3Model(nn.Module):
         cos, sin = self._rope(positions[:, None], kv_len)
         keys = torch.arange(kv_len, device=positions.device)
         mask = (keys[None, :] <= positions[:, None])[:, None, None, :]
-        ctx = AttnContext("decode", cache=cache, positions=positions, mask=mask, kv_len=kv_len)
+        ctx = AttnContext(
+            "decode", cache=cache, positions=positions, mask=mask, kv_len=kv_len, align=align
+        )
         return self.tfmr(embeds[:, None].to(self.dtype), cos, sin, ctx)[:, 0]

@@ -5,6 +5,10 @@ Turbo's :class:`~..turbo.t3_backend.TurboT3BatchDecoder` (one slot) build on
 :class:`SlotDecoder`, which the ``torch`` backend's decode thread drives. A subclass sets the
 attributes :class:`SlotDecoder` lists and implements ``_admit``, ``_prefill`` and
 ``decode_and_sample``.
+
+A decoder that records the alignment heads' attention for word timestamps (``aligns``) gets a
+second set of decode graphs, captured with the recording, and replays those only for steps
+where some request asked: steps where none did run the graphs without it and cost nothing more.
 """
 
 from __future__ import annotations
@@ -57,22 +61,26 @@ class ConditioningCache:
 class DecodeGraph(Generic[Output]):
     """One captured decode step for fixed rows and attended cache length (inputs zero-padded).
 
-    Records ``decoder.decode_and_sample(inputs, kv_len)``; its output is a tensor or a tuple
-    of tensors, one row per slot.
+    Records ``decoder.decode_and_sample(inputs, kv_len)`` (with ``align=True`` for an aligned
+    graph, which also writes the decoder's alignment buffer); its output is a tensor or a
+    tuple of tensors, one row per slot.
     """
 
-    def __init__(self, decoder: SlotDecoder, rows: int, kv_len: int, pool: Any):
+    def __init__(
+        self, decoder: SlotDecoder, rows: int, kv_len: int, pool: Any, align: bool = False
+    ):
         device = decoder.model.device
         self._inputs = torch.zeros(3, rows, dtype=torch.long, device=device)
+        options = {"align": True} if align else {}
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                decoder.decode_and_sample(self._inputs, kv_len)
+                decoder.decode_and_sample(self._inputs, kv_len, **options)
         torch.cuda.current_stream(device).wait_stream(stream)
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph, pool=pool):
-            self._outputs = decoder.decode_and_sample(self._inputs, kv_len)
+            self._outputs = decoder.decode_and_sample(self._inputs, kv_len, **options)
 
     def run(self, inputs: Tensor) -> Output:
         """Replay for ``inputs`` [3, n], n <= rows: the outputs' first ``n`` rows."""
@@ -92,7 +100,8 @@ class SlotDecoder:
     ``max_seq_len``, ``kv_bucket``, ``_active`` (request id -> state), ``_free`` (free slot
     numbers) and ``_graphs`` (an empty dict), and implements ``_admit(request) -> (state,
     payload)``, ``_prefill([(state, payload), ...]) -> outputs``, ``decode_and_sample`` and
-    ``remove``.
+    ``remove``. One that records alignment sets ``aligns`` and takes ``align`` in
+    ``decode_and_sample``.
     """
 
     model: Any
@@ -102,6 +111,8 @@ class SlotDecoder:
     _active: dict[str, Any]
     _free: list[int]
     _graphs: dict[tuple[int, int], DecodeGraph]
+    #: Whether ``decode_and_sample`` can record the alignment heads (``align=True``).
+    aligns: bool = False
 
     @property
     def active_ids(self) -> list[str]:
@@ -117,6 +128,16 @@ class SlotDecoder:
     def graph_keys(self) -> list[tuple[int, int]]:
         """(rows, attended cache length) of each captured decode graph."""
         return sorted(self._graphs)
+
+    @property
+    def aligned_graph_keys(self) -> list[tuple[int, int]]:
+        """(rows, attended cache length) of each captured decode graph that records alignment."""
+        return sorted(self._aligned_graphs)
+
+    @property
+    def _aligned_graphs(self) -> dict[tuple[int, int], DecodeGraph]:
+        """The decode graphs that record alignment (made here: subclasses set ``_graphs``)."""
+        return self.__dict__.setdefault("_aligned_graphs_", {})
 
     def slots_needed(self, request: T3Request) -> int:
         """Cache slots ``request`` takes."""
@@ -192,23 +213,33 @@ class SlotDecoder:
         sizes.append(self.n_slots)
         lengths = list(range(self.kv_bucket, self.max_seq_len, self.kv_bucket))
         lengths.append(self.max_seq_len)
+        variants = [(False, self._graphs)] + ([(True, self._aligned_graphs)] if self.aligns else [])
         # Largest first, so that smaller ones reuse its pool memory.
-        for rows in reversed(sizes):
-            for kv_len in reversed(lengths):
-                self._graphs[rows, kv_len] = DecodeGraph(self, rows, kv_len, pool)
+        for align, graphs in variants:
+            for rows in reversed(sizes):
+                for kv_len in reversed(lengths):
+                    graphs[rows, kv_len] = DecodeGraph(self, rows, kv_len, pool, align)
         logger.info(
             f"{type(self).__name__}: captured decode CUDA graphs for rows {sizes} x cache "
-            f"lengths {lengths}"
+            f"lengths {lengths}{' (and again recording alignment)' if self.aligns else ''}"
         )
 
     def drop_graphs(self) -> None:
         """Forget captured graphs (decode eagerly)."""
         self._graphs.clear()
+        self._aligned_graphs.clear()
 
-    def _graph_for(self, rows: int, kv_len: int) -> DecodeGraph | None:
-        """The smallest captured graph with at least ``rows`` rows and ``kv_len`` keys."""
-        fitting = [key for key in self._graphs if key[0] >= rows and key[1] >= kv_len]
-        return self._graphs[min(fitting)] if fitting else None
+    def _graph_for(self, rows: int, kv_len: int, align: bool = False) -> DecodeGraph | None:
+        """The smallest captured graph with at least ``rows`` rows and ``kv_len`` keys.
+
+        Args:
+            rows: Rows the step runs over.
+            kv_len: Keys it attends over.
+            align: Pick among the graphs that record the alignment heads.
+        """
+        graphs = self._aligned_graphs if align else self._graphs
+        fitting = [key for key in graphs if key[0] >= rows and key[1] >= kv_len]
+        return graphs[min(fitting)] if fitting else None
 
     # ---- for subclasses
 
@@ -219,7 +250,10 @@ class SlotDecoder:
         raise NotImplementedError
 
     def decode_and_sample(self, inputs: Tensor, kv_len: int) -> Any:
-        """The device work of one step for the first ``R`` slots (what a graph records)."""
+        """The device work of one step for the first ``R`` slots (what a graph records).
+
+        A decoder with ``aligns`` also takes ``align: bool``.
+        """
         raise NotImplementedError
 
     def remove(self, request_id: str) -> None:

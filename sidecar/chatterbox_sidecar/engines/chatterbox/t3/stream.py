@@ -4,6 +4,10 @@ The producer (the torch backend's decode thread, or the vLLM adapter's pump task
 :meth:`TokenStream.push` and :meth:`TokenStream.finish` from any thread. The consumer iterates;
 deltas that piled up while it was busy come out merged. Closing the stream (``aclose``), or
 cancelling the task waiting in ``__anext__``, calls ``on_close`` once, which aborts the request.
+
+Word timestamps: a request that asked for its alignment has one attention row per token pushed
+with it (``push(tokens, alignment)``); the consumer collects the rows of the tokens it was
+handed with :meth:`TokenStream.take_alignment`, in step with the tokens.
 """
 
 from __future__ import annotations
@@ -23,21 +27,34 @@ class TokenStream:
     Args:
         on_close: Called once when the consumer stops early (close, cancel, garbage collection);
             not called when the producer finished the stream.
+        text_tokens: The request's text tokens as strings (``[START]`` ... ``[STOP]``), when
+            alignment rows come with its tokens; None otherwise.
     """
 
-    def __init__(self, on_close: Callable[[], None] | None = None):
+    def __init__(
+        self, on_close: Callable[[], None] | None = None, text_tokens: list[str] | None = None
+    ):
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._on_close = on_close
         self._done = False  # producer finished (or consumer closed): no more items
         self._terminal: Any = None  # _END or an exception, seen while merging deltas
+        self.text_tokens = text_tokens
+        self._rows: list[Any] = []  # alignment rows of the tokens handed out, not yet taken
 
     # ---- producer side (any thread)
 
-    def push(self, tokens: list[int]) -> None:
-        """Deliver new tokens (ignored if empty)."""
+    def push(self, tokens: list[int], alignment: list[Any] | None = None) -> None:
+        """Deliver new tokens (ignored if empty).
+
+        Args:
+            tokens: The new tokens.
+            alignment: One attention row per token (``[heads, n_text]`` arrays), or None.
+        """
         if tokens:
-            self._put(list(tokens))
+            if alignment is not None and len(alignment) != len(tokens):
+                raise ValueError("one alignment row per token")
+            self._put((list(tokens), alignment))
 
     def finish(self, error: BaseException | None = None) -> None:
         """End the stream, normally or with ``error`` raised to the consumer."""
@@ -66,8 +83,10 @@ class TokenStream:
                 raise
             tokens: list[int] = []
             while True:
-                if isinstance(item, list):
-                    tokens.extend(item)
+                if isinstance(item, tuple):
+                    tokens.extend(item[0])
+                    if item[1] is not None:
+                        self._rows.extend(item[1])
                 else:
                     self._terminal = item
                     break
@@ -81,6 +100,11 @@ class TokenStream:
         if isinstance(terminal, BaseException):
             raise terminal
         raise StopAsyncIteration
+
+    def take_alignment(self) -> list[Any]:
+        """Returns: the alignment rows of the tokens handed out so far and not taken yet."""
+        rows, self._rows = self._rows, []
+        return rows
 
     async def aclose(self) -> None:
         """Stop consuming; aborts the request if it is still running."""

@@ -9,6 +9,12 @@ Two layers:
   and, when guidance is on, one for its unconditional row, so both branches keep their context.
 - :class:`TorchT3Backend`: runs the decoder in a background thread; requests and cancellations
   arrive through a locked inbox, tokens leave through :class:`~.stream.TokenStream`.
+
+Word timestamps: a request with ``alignment`` gets, with each token, the attention of the
+alignment heads (``t3.alignment.alignment_heads``) from the query that predicted it over its
+text tokens, conditional row only: ``[heads, n_text]`` float32 on the host. Step 0 is the
+prefill's last row (the start-of-speech token). Only requests that asked copy rows to the host;
+decode steps where none asked run without the recording (see ``t3.slots``).
 """
 
 from __future__ import annotations
@@ -23,16 +29,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from loguru import logger
 from torch import Tensor
 
 from chatterbox_sidecar.engines.chatterbox.t3 import sampling as t3_sampling
+from chatterbox_sidecar.engines.chatterbox.t3.alignment import ALIGNMENT_MODEL, alignment_heads
 from chatterbox_sidecar.engines.chatterbox.t3.backend import T3Backend, T3Request
 from chatterbox_sidecar.engines.chatterbox.t3.model import (
     SPEECH_VOCAB_VALID,
     START_SPEECH_TOKEN,
     STOP_SPEECH_TOKEN,
+    AlignmentCapture,
     T3KVCache,
     T3Model,
 )
@@ -77,6 +86,9 @@ def _field(conditionals: Any, name: str) -> Any:
 PREFILL_LEN_BUCKET = 64
 PREFILL_GRAPH_MAX_LEN = 384
 PREFILL_GRAPH_MAX_ROWS = 32
+# Text tokens an aligned request may have (a 300-character piece has at most ~302); a longer
+# text is decoded without alignment.
+ALIGNMENT_WIDTH = 384
 
 
 @dataclass
@@ -89,12 +101,15 @@ class StepOutput:
         finished: True when this was the stop token or the budget's last token.
         logits: The guided logits the token was sampled from (before penalties), when the
             decoder records them.
+        alignment: The alignment heads' attention from the query that predicted the token over
+            the request's text tokens, float32 ``[heads, n_text]``, when the request asked.
     """
 
     request_id: str
     token: int
     finished: bool
     logits: Tensor | None = None
+    alignment: np.ndarray | None = None
 
 
 @dataclass
@@ -106,6 +121,8 @@ class _Active:
     generated: int = 0
     last_token: int = START_SPEECH_TOKEN
     finished: bool = False
+    n_text: int = 0  # text tokens in the prompt
+    aligned: bool = False  # the request's alignment rows are read each step
 
 
 @dataclass
@@ -131,6 +148,9 @@ class T3BatchDecoder(SlotDecoder):
         record_logits: Attach the guided logits to each :class:`StepOutput` (for tests).
         kv_bucket: Attended cache lengths are rounded up to a multiple of this (CUDA graphs
             attend over the bucket, not the whole cache).
+        alignment: Record the alignment heads for requests that ask (word timestamps); False
+            captures no alignment graphs.
+        alignment_width: Most text tokens of an aligned request.
     """
 
     def __init__(
@@ -142,6 +162,8 @@ class T3BatchDecoder(SlotDecoder):
         max_seq_len: int = 1536,
         record_logits: bool = False,
         kv_bucket: int = 256,
+        alignment: bool = True,
+        alignment_width: int = ALIGNMENT_WIDTH,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -170,6 +192,31 @@ class T3BatchDecoder(SlotDecoder):
         self._partner = torch.arange(n_slots, device=device)
         self._free = list(range(n_slots))
         self._active: dict[str, _Active] = {}
+        self._align = self._alignment_capture(alignment_width) if alignment else None
+        self.aligns = self._align is not None
+
+    def _alignment_capture(self, width: int) -> AlignmentCapture:
+        """The static buffers that prefill and decode write the alignment heads into."""
+        config = self.model.config
+        heads = alignment_heads(config.n_layers, config.n_heads)
+        if (config.n_layers, config.n_heads) != ALIGNMENT_MODEL:
+            logger.warning(
+                f"T3 of {config.n_layers} layers x {config.n_heads} heads: the alignment heads "
+                f"are upstream's for {ALIGNMENT_MODEL[0]} x {ALIGNMENT_MODEL[1]}; recording "
+                f"{heads} instead, whose word timings mean nothing"
+            )
+        device = self.model.device
+        rows = self.n_slots + 1  # every slot, and every row of a prefill (scratch included)
+        return AlignmentCapture(
+            heads=heads,
+            text_start=torch.zeros(rows, dtype=torch.long, device=device),
+            out=torch.zeros(rows, len(heads), width, dtype=torch.float32, device=device),
+        )
+
+    def text_tokens(self, text: str) -> list[str]:
+        """The text tokens T3 reads for ``text``, as strings (``[START]`` ... ``[STOP]``)."""
+        raw = self.tokenizer._tokenizer  # the tokenizers.Tokenizer behind T3Tokenizer
+        return [raw.id_to_token(i) for i in self.tokenizer.encode(text)]
 
     @property
     def prefill_graph_keys(self) -> list[tuple[int, int]]:
@@ -237,9 +284,19 @@ class T3BatchDecoder(SlotDecoder):
         slots = sorted(self._free)[: len(rows)]
         for slot in slots:
             self._free.remove(slot)
-        state = _Active(request, slots, length, max(budget, 1))
+        n_text = len(text_ids)
+        aligned = request.alignment and self._align is not None
+        if aligned and n_text > self._align.out.shape[2]:
+            logger.warning(
+                f"T3 request {request.request_id}: {n_text} text tokens, more than the "
+                f"{self._align.out.shape[2]} alignment covers; no word timings for it"
+            )
+            aligned = False
+        state = _Active(request, slots, length, max(budget, 1), n_text=n_text, aligned=aligned)
         self._active[request.request_id] = state
         self._assign(request, slots)
+        if self._align is not None:
+            self._align.text_start[slots] = cond.shape[0]
         return state, rows
 
     def _prefill(self, batch: list[tuple[_Active, list[Tensor]]]) -> list[StepOutput]:
@@ -254,22 +311,26 @@ class T3BatchDecoder(SlotDecoder):
         device = model.device
         lengths = torch.tensor([row.shape[0] for row in rows], device=device)
         slot_ids = torch.tensor(slots, device=device)
+        states = [state for state, _ in batch]
+        # Prefill graphs always record the alignment heads (a few small products against a
+        # whole pass over the prompts, once per request); eager prefill only when asked.
         graph = self._prefill_graph_for(len(rows), longest)
         if graph is not None:
             hidden = graph.run(embeds, slot_ids, lengths)
         else:
-            hidden = model.prefill(embeds, self.cache, slot_ids, lengths)
+            align = self._align if any(s.aligned for s in states) else None
+            hidden = model.prefill(embeds, self.cache, slot_ids, lengths, align)
         logits = model.logits(hidden)
         cond_rows, uncond_rows, k = [], [], 0
         for state, _ in batch:
             cond_rows.append(k)
             uncond_rows.append(k + len(state.slots) - 1)
             k += len(state.slots)
-        states = [state for state, _ in batch]
         heads = torch.tensor([s.slots[0] for s in states], device=device)
         steps = torch.zeros(len(states), dtype=torch.long, device=device)
         tokens, guided = self._sample_slots(logits[cond_rows], logits[uncond_rows], heads, steps)
-        return self._advance(states, tokens.tolist(), guided)
+        alignment = self._read_alignment(states, cond_rows)
+        return self._advance(states, tokens.tolist(), guided, alignment)
 
     def step(self) -> list[StepOutput]:
         """Sample one token for every active request in one backbone pass."""
@@ -285,25 +346,51 @@ class T3BatchDecoder(SlotDecoder):
                 speech_pos[slot] = s.generated
         kv_len = 1 + max(s.position for s in states)
         inputs = torch.tensor([tokens, speech_pos, positions], device=self.model.device)
-        graph = self._graph_for(rows, kv_len)
+        align = any(s.aligned for s in states)
+        graph = self._graph_for(rows, kv_len, align)
         if graph is not None:
             picked, guided = graph.run(inputs)
         else:
-            picked, guided = self.decode_and_sample(inputs, kv_len)
+            picked, guided = self.decode_and_sample(inputs, kv_len, align=align)
         picked_rows = picked.tolist()
         for s in states:
             s.position += 1
         heads = [picked_rows[s.slots[0]] for s in states]
         if self.record_logits:
             guided = guided[[s.slots[0] for s in states]]
-        return self._advance(states, heads, guided)
+        alignment = self._read_alignment(states, [s.slots[0] for s in states])
+        return self._advance(states, heads, guided, alignment)
 
-    def decode_and_sample(self, inputs: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
+    def _read_alignment(self, states: list[_Active], rows: list[int]) -> list[np.ndarray | None]:
+        """Copy the aligned requests' rows of the alignment buffer to the host.
+
+        Args:
+            states: The requests of the pass.
+            rows: Each one's conditional row in the buffer (its slot, or its prefill row).
+
+        Returns:
+            Per request, ``[heads, n_text]`` float32, or None where it did not ask.
+        """
+        wanted = [i for i, s in enumerate(states) if s.aligned]
+        out: list[np.ndarray | None] = [None] * len(states)
+        if not wanted:
+            return out
+        assert self._align is not None
+        width = max(states[i].n_text for i in wanted)
+        picked = self._align.out[[rows[i] for i in wanted], :, :width].cpu().numpy()
+        for k, i in enumerate(wanted):
+            out[i] = picked[k, :, : states[i].n_text]
+        return out
+
+    def decode_and_sample(
+        self, inputs: Tensor, kv_len: int, align: bool = False
+    ) -> tuple[Tensor, Tensor]:
         """The device work of one step for the first ``R`` slots (what a graph records).
 
         Args:
             inputs: Int64 [3, R]: each slot's fed token, speech position and sequence position.
             kv_len: Keys to attend over, greater than every position.
+            align: Also write the alignment heads' attention into the alignment buffer.
 
         Returns:
             Each slot's sampled token [R] and guided logits [R, V]; the tokens are also marked
@@ -312,7 +399,8 @@ class T3BatchDecoder(SlotDecoder):
         model = self.model
         n = inputs.shape[1]
         embeds = model.speech_embeds(inputs[0], inputs[1])
-        hidden = model.decode(embeds, inputs[2], self.cache, kv_len)
+        capture = self._align if align else None
+        hidden = model.decode(embeds, inputs[2], self.cache, kv_len, capture)
         logits = model.logits(hidden)
         partner = self._partner[:n].clamp(max=n - 1)
         slots = torch.arange(n, device=logits.device)
@@ -405,7 +493,11 @@ class T3BatchDecoder(SlotDecoder):
         return self._conds.get(speaker, key, lambda: self.model.conditioning(speaker, prompt, key))
 
     def _advance(
-        self, states: list[_Active], picked: list[int], guided: Tensor
+        self,
+        states: list[_Active],
+        picked: list[int],
+        guided: Tensor,
+        alignment: list[np.ndarray | None],
     ) -> list[StepOutput]:
         """Record each request's sampled token; finished requests leave."""
         outputs = []
@@ -414,7 +506,9 @@ class T3BatchDecoder(SlotDecoder):
             state.last_token = token
             finished = token == STOP_SPEECH_TOKEN or state.generated >= state.budget
             logits = guided[i].clone() if self.record_logits else None
-            outputs.append(StepOutput(state.request.request_id, token, finished, logits))
+            outputs.append(
+                StepOutput(state.request.request_id, token, finished, logits, alignment[i])
+            )
             if finished:
                 self.remove(state.request.request_id)
         return outputs
@@ -433,15 +527,16 @@ class _PrefillGraph:
         self._lengths = torch.ones(rows, dtype=torch.long, device=device)
         self._scratch = decoder._scratch_slot
         cache = decoder.cache
+        align = decoder._align  # recorded whenever the decoder aligns (see T3BatchDecoder)
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                model.prefill(self._embeds, cache, self._slots, self._lengths)
+                model.prefill(self._embeds, cache, self._slots, self._lengths, align)
         torch.cuda.current_stream(device).wait_stream(stream)
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph, pool=pool):
-            self._hidden = model.prefill(self._embeds, cache, self._slots, self._lengths)
+            self._hidden = model.prefill(self._embeds, cache, self._slots, self._lengths, align)
 
     def run(self, embeds: Tensor, slots: Tensor, lengths: Tensor) -> Tensor:
         """Replay for ``embeds`` [b, n, D] (b, n within the graph's): hidden states [b, D]."""
@@ -470,6 +565,8 @@ class TorchT3Backend(T3Backend):
             to eager decoding if capture fails.
         kv_bucket: Cache-length step of the decode graphs (see :class:`T3BatchDecoder`).
         prefill_batch: Most waiting requests prefilled together in one pass.
+        alignment: Stream alignment rows to requests that ask (word timestamps); False also
+            skips capturing the decode graphs that record them.
     """
 
     #: T3 weights file in ``model_dir`` (a subclass serves another model's).
@@ -486,8 +583,10 @@ class TorchT3Backend(T3Backend):
         cuda_graphs: bool | None = None,
         kv_bucket: int = 256,
         prefill_batch: int = 16,
+        alignment: bool = True,
     ):
         self.model_dir = Path(model_dir)
+        self.alignment = alignment
         self.kv_bucket = kv_bucket
         self.prefill_batch = prefill_batch
         self.device = device
@@ -543,17 +642,31 @@ class TorchT3Backend(T3Backend):
             max_batch_size=self.max_batch_size,
             max_seq_len=self.max_seq_len,
             kv_bucket=self.kv_bucket,
+            alignment=self.alignment,
         )
 
     def _load_tokenizer(self) -> T3Tokenizer:
         """Returns: the text tokenizer (the English ``tokenizer.json``)."""
         return T3Tokenizer(self.model_dir / "tokenizer.json")
 
-    def time_step(self, requests: int, kv_len: int = 512, repeats: int = 5) -> float | None:
+    @property
+    def word_alignment(self) -> bool:
+        """Whether requests with ``alignment`` get alignment rows (see :class:`T3Backend`)."""
+        return bool(getattr(self.decoder, "aligns", False))
+
+    def time_step(
+        self, requests: int, kv_len: int = 512, repeats: int = 5, align: bool = False
+    ) -> float | None:
         """Seconds one decode step takes for ``requests`` requests (CUDA graphs only).
 
         Replays the captured graph on zero inputs, as capturing did; only while no request
         is active (the engine calls it at start, for its capacity calibration).
+
+        Args:
+            requests: Requests decoded together.
+            kv_len: Keys attended over.
+            repeats: Timed replays (after one untimed).
+            align: Time the graph that records the alignment heads.
 
         Returns:
             The median step time, or None without graphs or while requests run.
@@ -562,7 +675,7 @@ class TorchT3Backend(T3Backend):
         if decoder is None or not decoder.graph_keys or decoder.active_ids:
             return None
         rows = decoder.decode_rows(requests)
-        graph = decoder._graph_for(rows, kv_len)
+        graph = decoder._graph_for(rows, kv_len, align)
         if graph is None:
             return None
         device = decoder.model.device
@@ -580,7 +693,9 @@ class TorchT3Backend(T3Backend):
         """Queue ``request``; its tokens stream out as they are sampled (see T3Backend)."""
         if self._thread is None or self._stopping:
             raise RuntimeError("TorchT3Backend is not started")
-        stream = TokenStream(on_close=lambda: self._cancel(request.request_id))
+        aligned = request.alignment and self.word_alignment
+        text_tokens = self.decoder.text_tokens(request.text) if aligned else None
+        stream = TokenStream(lambda: self._cancel(request.request_id), text_tokens)
         job = _Job(request, stream)
         with self._cv:
             if request.request_id in self._jobs:
@@ -681,7 +796,8 @@ class TorchT3Backend(T3Backend):
             if out.finished:
                 del self._jobs[out.request_id]
         if out.token < SPEECH_VOCAB_VALID:
-            job.stream.push([out.token])
+            rows = [out.alignment] if out.alignment is not None else None
+            job.stream.push([out.token], rows)
         if out.finished:
             job.stream.finish()
 

@@ -9,7 +9,9 @@ expects them (a [34, 1024] CPU tensor per request).
 Known limits of chatterbox-vllm that this adapter cannot fix: the guidance scale is one global
 value (``CHATTERBOX_CFG_SCALE``, read by the vLLM worker at start, set here from ``cfg_scale``),
 its unconditional branch has no context, and learned speech positions are not applied while
-decoding. The ``torch`` backend has none of these.
+decoding. The ``torch`` backend has none of these. No word timestamps either: vLLM's attention
+kernels never expose attention probabilities, so ``word_alignment`` stays False and the
+engine's ``started`` says ``word_timestamps: false`` with this backend.
 """
 
 from __future__ import annotations
