@@ -278,6 +278,7 @@ class App:
         Raises:
             ProtocolError: ``unsupported`` for a language the engine's model does not speak.
         """
+        language = self.resolve_language(msg.language, context_id)
         return SynthesisParams(
             voice_id=msg.voice_id,
             exaggeration=msg.exaggeration,
@@ -286,8 +287,8 @@ class App:
             seed=msg.seed,
             streaming=streaming,
             context_id=context_id,
-            word_timestamps=msg.word_timestamps and self.engine.info.word_timestamps,
-            language=self.resolve_language(msg.language, context_id),
+            word_timestamps=msg.word_timestamps and self.engine.info.times_words(language),
+            language=language,
         )
 
     def resolve_language(self, language: str | None, context_id: str | None = None) -> str:

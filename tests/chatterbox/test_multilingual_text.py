@@ -176,3 +176,43 @@ def test_not_the_multilingual_tokenizer_is_refused(folder, tmp_path):
     (tmp_path / TOKENIZER_FILE).write_text(json.dumps(data))
     with pytest.raises(ValueError, match="not the Chatterbox multilingual tokenizer"):
         MultilingualTokenizer(tmp_path, chinese_segmenter=None)
+
+
+@pytest.mark.parametrize(
+    ("language", "text"),
+    [("es", "¿Dónde está la estación, señor?"), ("de", "Grüße aus München, 42 Mal!")],
+)
+def test_word_alignment_maps_the_prepared_tokens_back_to_the_words(tokenizer, language, text):
+    from chatterbox_sidecar.engines.chatterbox.t3.alignment import text_token_words
+
+    ids = tokenizer.encode(text, language)
+    strings = [tokenizer.decode([i]) or "" for i in ids]
+    owners = text_token_words([tokenizer._tokenizer.id_to_token(i) for i in ids], text)
+    assert owners[0] is None and owners[1] is None  # [START] and the language token
+    words = text.split()
+    spelled: dict[int, str] = {}
+    for token, word in zip(strings, owners, strict=True):
+        if word is not None:
+            spelled[word] = spelled.get(word, "") + token
+    assert sorted(spelled) == list(range(len(words)))  # every word owns its letters, in order
+    for n, word in enumerate(words):
+        letters = "".join(c for c in unicodedata.normalize("NFKD", word.lower()) if c.isalnum())
+        assert "".join(c for c in spelled[n] if c.isalnum()) == letters
+
+
+def test_respelled_languages_get_no_word_timestamps():
+    from chatterbox_sidecar.engines.base import EngineInfo
+
+    assert MULTILINGUAL.untimed_languages == ("ja", "ko", "zh")
+    info = EngineInfo(
+        name="chatterbox",
+        native_sample_rate=24000,
+        can_clone=True,
+        max_concurrency=1,
+        languages=MULTILINGUAL.languages,
+        word_timestamps=True,
+        untimed_languages=MULTILINGUAL.untimed_languages,
+    )
+    assert info.times_words("es") and info.times_words("en")
+    assert not info.times_words("zh") and not info.times_words("ko")
+    assert not EngineInfo("piper", 22050, False, 1).times_words("en")

@@ -100,6 +100,9 @@ class EngineInfo:
             for word timestamps.
         alignment_source: How its timings are made, for clients and logs (e.g.
             ``"piper phoneme durations"``); None without word timestamps.
+        untimed_languages: Languages it speaks without word timestamps (the multilingual
+            model respells Chinese, Japanese and Korean before T3 reads them, so its alignment
+            no longer maps to the client's words there).
     """
 
     name: str
@@ -114,6 +117,11 @@ class EngineInfo:
     tags: tuple[str, ...] = ()
     word_timestamps: bool = False
     alignment_source: str | None = None
+    untimed_languages: tuple[str, ...] = ()
+
+    def times_words(self, language: str) -> bool:
+        """Returns: whether a context in ``language`` that asks gets word timestamps."""
+        return self.word_timestamps and language not in self.untimed_languages
 
     @property
     def default_language(self) -> str:

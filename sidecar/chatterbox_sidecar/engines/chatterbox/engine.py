@@ -351,6 +351,7 @@ class ChatterboxEngine(Engine):
                 languages=languages,
                 word_timestamps=aligned,
                 alignment_source=ALIGNMENT_SOURCE if aligned else None,
+                untimed_languages=self._spec.untimed_languages,
             )
         except EngineError:
             raise
@@ -686,7 +687,7 @@ class ChatterboxEngine(Engine):
         cached = await self._voice(voice)
         self._requests += 1
         context = f"ctx{self._requests}-{uuid.uuid4().hex[:8]}"
-        timed = params.word_timestamps and self.info.word_timestamps
+        timed = params.word_timestamps and self.info.times_words(params.language)
         if params.streaming:
             index = 0
             playback = _Playback()

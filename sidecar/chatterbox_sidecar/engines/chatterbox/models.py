@@ -72,6 +72,9 @@ class ModelSpec:
         top_k: T3 top-k (0: off).
         repetition_penalty: T3 repetition penalty.
         trim_final_token: Drop the audio of the last speech token of each utterance.
+        untimed_languages: Languages whose text T3 reads respelled (Cangjie codes, kana, jamo),
+            so that its text alignment no longer maps to the client's words: no word
+            timestamps there.
         served: Whether this engine can serve the model yet.
     """
 
@@ -95,6 +98,7 @@ class ModelSpec:
     top_k: int
     repetition_penalty: float
     trim_final_token: bool = False
+    untimed_languages: tuple[str, ...] = ()
     served: bool = True
 
     @property
@@ -178,6 +182,7 @@ MULTILINGUAL = ModelSpec(
     top_k=0,
     repetition_penalty=1.2,
     trim_final_token=True,
+    untimed_languages=("ja", "ko", "zh"),
 )
 
 MODELS = {spec.name: spec for spec in (ORIGINAL, TURBO, MULTILINGUAL)}

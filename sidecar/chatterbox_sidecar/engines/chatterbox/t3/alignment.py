@@ -44,7 +44,7 @@ START_WINDOW = 3  # the path starts on one of the first text tokens
 END_TOKENS = 3  # within this many tokens of the end, the text counts as spoken
 LONG_TAIL_STEPS = 5  # speech tokens (200 ms) past the end that make a tail too long
 _EPS = 1e-6
-_SPECIAL = re.compile(r"\[[A-Z_]+\]")
+_SPECIAL = re.compile(r"\[[A-Za-z_]+\]")  # also the multilingual language tokens: [es]
 _ALNUM = re.compile(r"[^\W_]")
 
 

@@ -213,10 +213,10 @@ class T3BatchDecoder(SlotDecoder):
             out=torch.zeros(rows, len(heads), width, dtype=torch.float32, device=device),
         )
 
-    def text_tokens(self, text: str) -> list[str]:
+    def text_tokens(self, text: str, language: str = "en") -> list[str]:
         """The text tokens T3 reads for ``text``, as strings (``[START]`` ... ``[STOP]``)."""
         raw = self.tokenizer._tokenizer  # the tokenizers.Tokenizer behind T3Tokenizer
-        return [raw.id_to_token(i) for i in self.tokenizer.encode(text)]
+        return [raw.id_to_token(i) for i in self.tokenizer.encode(text, language)]
 
     @property
     def prefill_graph_keys(self) -> list[tuple[int, int]]:
@@ -694,7 +694,7 @@ class TorchT3Backend(T3Backend):
         if self._thread is None or self._stopping:
             raise RuntimeError("TorchT3Backend is not started")
         aligned = request.alignment and self.word_alignment
-        text_tokens = self.decoder.text_tokens(request.text) if aligned else None
+        text_tokens = self.decoder.text_tokens(request.text, request.language) if aligned else None
         stream = TokenStream(lambda: self._cancel(request.request_id), text_tokens)
         job = _Job(request, stream)
         with self._cv:
