@@ -112,6 +112,14 @@ case "$step" in
     run 200 tests python3 -m pytest -q -p no:cacheprovider tests/chatterbox/test_t3_cuda.py
     run 300 align python3 benchmarks/alignment_cost.py --out "$OUT/alignment_cost.json" "$@"
     ;;
+  voices-align)  # issues 13 and 17 in one call: the voices step at 25 s, then the align step
+    run 190 voice_bench python3 benchmarks/voice_bench.py --streams 16 --seconds 25 \
+      --voices 10 --out "$OUT/voice_bench.json"
+    run 190 voice_bench_gil python3 benchmarks/voice_bench.py --streams 16 --seconds 25 \
+      --voices 10 --env TTS_GIL_SWITCH_MS=0.5 --name _gil05 --out "$OUT/voice_bench_gil05.json"
+    run 110 tests python3 -m pytest -q -p no:cacheprovider tests/chatterbox/test_t3_cuda.py
+    run 100 align python3 benchmarks/alignment_cost.py --out "$OUT/alignment_cost.json"
+    ;;
   *)
     echo "unknown step $step (profile or table)" >&2
     exit 2
