@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import aclosing, suppress
+from contextlib import AbstractContextManager, aclosing, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -291,6 +291,7 @@ class ChatterboxEngine(Engine):
         self._s3_executor = ThreadPoolExecutor(1, thread_name_prefix="s3gen")
         self._fast_executor = ThreadPoolExecutor(1, thread_name_prefix="s3gen-fast")
         self._voice_executor = ThreadPoolExecutor(1, thread_name_prefix="voice-conds")
+        self._voice_cuda_stream: Any = None  # created by the voice thread on first use
         self._model_dir: Path | None = None
         self._s3gen: Any = None
         self._ve: Any = None
@@ -455,9 +456,10 @@ class ChatterboxEngine(Engine):
         started = time.perf_counter()
         t = np.arange(3 * 16_000) / 16_000
         clip = 0.2 * np.sin(2 * np.pi * 140 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))
-        compute_conditionals(
-            clip.astype(np.float32), 16_000, self._s3gen, self._ve, self._conditioning
-        )
+        with self._voice_stream():
+            compute_conditionals(
+                clip.astype(np.float32), 16_000, self._s3gen, self._ve, self._conditioning
+            )
         logger.info(f"{self}: voice path warmed up in {time.perf_counter() - started:.1f} s")
 
     def _calibrate(self) -> int:
@@ -622,10 +624,31 @@ class ChatterboxEngine(Engine):
             ) from e
         self._voices[voice.voice_id] = _CachedVoice(voice.revision, conds, self._reference(conds))
 
+    def _voice_stream(self) -> AbstractContextManager:
+        """The voice thread's CUDA stream, high priority, as a context (no-op on the CPU).
+
+        Measured under a 16-stream load on the H200 (benchmarks/NOTES.md, issue 13): on the
+        default stream a registration's ~2,000 small kernels each queued behind the S3Gen
+        lanes' batches and took 3-6 s in all (0.1 s on an idle GPU); a shorter GIL switch
+        interval did not change it. At T3's priority its kernels are scheduled ahead of the
+        bulk lane's. Results leave the stream as CPU tensors (``compute_conditionals``), so no
+        other stream reads its memory.
+        """
+        if not self.config.on_cuda:
+            return nullcontext()
+        import torch
+
+        if self._voice_cuda_stream is None:
+            self._voice_cuda_stream = torch.cuda.Stream(
+                torch.device(self.config.device), priority=-1
+            )
+        return torch.cuda.stream(self._voice_cuda_stream)
+
     def _compute_and_save(self, voice: Voice) -> VoiceConditionals:
-        conds = compute_conditionals_from_file(
-            voice.reference_path, self._s3gen, self._ve, self._conditioning
-        )
+        with self._voice_stream():
+            conds = compute_conditionals_from_file(
+                voice.reference_path, self._s3gen, self._ve, self._conditioning
+            )
         conds.save(voice.artifact_path(self._conds_file))
         logger.info(f"{self}: conditionals for voice '{voice.voice_id}' written")
         return conds
