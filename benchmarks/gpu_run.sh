@@ -101,7 +101,8 @@ case "$step" in
     run 570 models python3 benchmarks/model_bench.py --levels 1,4,16 --seconds 25 \
       --out "$OUT/models.json" "$@"
     ;;
-  voices)  # issue 13: registration under a 16-stream load, Python's GIL switch interval 5 vs 0.5 ms
+  voices)  # issue 13: registration under a 16-stream load (the GIL switch interval 5 vs 0.5 ms
+    # was measured with a TTS_GIL_SWITCH_MS setting since removed: no effect, see NOTES.md)
     run 230 voice_bench python3 benchmarks/voice_bench.py --streams 16 --seconds 30 \
       --voices 10 --out "$OUT/voice_bench.json"
     run 230 voice_bench_gil python3 benchmarks/voice_bench.py --streams 16 --seconds 30 \
@@ -113,6 +114,7 @@ case "$step" in
     run 300 align python3 benchmarks/alignment_cost.py --out "$OUT/alignment_cost.json" "$@"
     ;;
   voices-align)  # issues 13 and 17 in one call: the voices step at 25 s, then the align step
+    # (as run on 2026-11-30, before TTS_GIL_SWITCH_MS was removed)
     run 190 voice_bench python3 benchmarks/voice_bench.py --streams 16 --seconds 25 \
       --voices 10 --out "$OUT/voice_bench.json"
     run 190 voice_bench_gil python3 benchmarks/voice_bench.py --streams 16 --seconds 25 \

@@ -43,12 +43,10 @@ def test_values_are_read():
             "TTS_STREAMING": "false",
             "TTS_CHUNK_SIZE": "12",
             "CUDA_VISIBLE_DEVICES": "0,1",
-            "TTS_GIL_SWITCH_MS": "0.5",
         }
     )
     assert (config.port, config.engine, config.api_key) == (9000, "piper", "k")
     assert config.streaming is False and config.chunk_size == 12
-    assert config.gil_switch_ms == 0.5
 
 
 @pytest.mark.parametrize(
@@ -67,7 +65,6 @@ def test_values_are_read():
         ("TTS_MODEL_DIR", "/no/such/folder"),
         ("TTS_FIRST_CHUNK_SIZE", "3"),
         ("TTS_REFERENCE_SECONDS", "12"),
-        ("TTS_GIL_SWITCH_MS", "0"),
     ],
 )
 def test_bad_values_name_the_variable(name, value):

@@ -53,7 +53,6 @@ def main() -> None:
         print(f"chatterbox-sidecar: configuration error: {e}", file=sys.stderr)
         sys.exit(2)
     setup_logging(config)
-    sys.setswitchinterval(config.gil_switch_ms / 1000)
     logger.info(f"chatterbox-sidecar {__version__} starting (engine={config.engine})")
     try:
         status = asyncio.run(_serve(config))

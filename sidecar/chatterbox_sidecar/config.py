@@ -76,11 +76,6 @@ class SidecarConfig:
             (``TTS_STALL_SECONDS``).
         idle_seconds: A connection with no open context and no message for this long is closed
             (``TTS_IDLE_SECONDS``).
-        gil_switch_ms: How long a Python thread may hold the GIL while another waits
-            (``sys.setswitchinterval``; ``TTS_GIL_SWITCH_MS``, Python's default 5 ms). The GPU
-            engine's threads each issue thousands of small torch calls, and every call gives up
-            the GIL and takes it back, so a thread can wait up to this long per call while
-            another runs Python code.
     """
 
     host: str = "0.0.0.0"
@@ -115,7 +110,6 @@ class SidecarConfig:
     drain_seconds: float = 30.0
     stall_seconds: float = 10.0
     idle_seconds: float = 300.0
-    gil_switch_ms: float = 5.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SidecarConfig:
@@ -169,7 +163,6 @@ class SidecarConfig:
             drain_seconds=r.float("TTS_DRAIN_SECONDS", 30.0, 0.0, 3600.0),
             stall_seconds=r.float("TTS_STALL_SECONDS", 10.0, 0.1, 3600.0),
             idle_seconds=r.float("TTS_IDLE_SECONDS", 300.0, 1.0, 86400.0),
-            gil_switch_ms=r.float("TTS_GIL_SWITCH_MS", 5.0, 0.05, 1000.0),
         )
         _check_cuda_visible_devices(env.get("CUDA_VISIBLE_DEVICES"))
         if config.host.strip() == "":
