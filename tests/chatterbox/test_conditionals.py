@@ -16,6 +16,7 @@ from chatterbox_sidecar.engines.chatterbox.conditionals import (
     cap_reference,
     compute_conditionals,
     compute_conditionals_from_file,
+    normalize_loudness,
     read_reference,
     resample,
     trim_silence,
@@ -181,3 +182,29 @@ def test_trim_silence_matches_librosa(case):
     np.testing.assert_array_equal(got, want)
     if case == "tone_in_silence":  # and it did cut the silence
         assert 3 * sr <= len(got) < len(wav) - 15_000
+
+
+def test_loudness_is_normalised_to_the_target():
+    import pyloudnorm
+
+    meter = pyloudnorm.Meter(24_000)
+    clip = voice_like(4.0, 24_000, seed=3)
+    for gain in (0.05, 1.0, 3.0):
+        out = normalize_loudness(clip * gain, 24_000, -27.0)
+        assert out.dtype == np.float32
+        assert meter.integrated_loudness(out.astype(np.float64)) == pytest.approx(-27.0, abs=0.05)
+    short = clip[:2400]  # 0.1 s: shorter than one 400 ms gating block
+    assert np.array_equal(normalize_loudness(short, 24_000, -27.0), short)
+    silent = np.zeros(24_000, dtype=np.float32)
+    assert np.array_equal(normalize_loudness(silent, 24_000, -27.0), silent)
+
+
+def test_turbo_conditioning_does_not_depend_on_the_reference_level(s3gen_model, voice_encoder):
+    wav = voice_like(6.0, 24_000, seed=4)
+    turbo = ConditioningConfig(loudness_lufs=-27.0)
+    loud = compute_conditionals(wav, 24_000, s3gen_model, voice_encoder, turbo)
+    quiet = compute_conditionals(0.2 * wav, 24_000, s3gen_model, voice_encoder, turbo)
+    torch.testing.assert_close(quiet.gen["prompt_feat"], loud.gen["prompt_feat"])
+    torch.testing.assert_close(quiet.t3["speaker_emb"], loud.t3["speaker_emb"])
+    kept = compute_conditionals(0.2 * wav, 24_000, s3gen_model, voice_encoder)
+    assert not torch.allclose(kept.gen["prompt_feat"], loud.gen["prompt_feat"], atol=1e-3)

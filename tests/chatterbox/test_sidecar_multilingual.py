@@ -93,6 +93,27 @@ async def test_multilingual_speaks_each_language_it_is_asked_for(sidecar_factory
     assert len(audio) == pytest.approx(expected_samples("Guten Tag, 12 Grad.", "de"), abs=1)
     status, body, _ = sidecar.get("/v1/synthesize?text=Hello&language=vi")
     assert status == 400 and json.loads(body)["code"] == "unsupported"
+    # the Pipecat service: its language setting picks the model's language
+    from pipecat.frames.frames import TTSSpeakFrame
+    from pipecat.pipeline.worker import PipelineParams
+    from pipecat.tests.utils import run_test
+    from pipecat.transcriptions.language import Language
+
+    from tests.plugin.helpers import RecordingChatterboxTTSService, audio_of
+
+    text = "Hola, ¿cómo estás?"
+    tts = RecordingChatterboxTTSService(
+        url=sidecar.url,
+        settings=RecordingChatterboxTTSService.Settings(language=Language.ES_MX),
+    )
+    down, _ = await run_test(
+        tts,
+        frames_to_send=[TTSSpeakFrame(text)],
+        pipeline_params=PipelineParams(audio_out_sample_rate=24000),
+    )
+    assert [m["language"] for m in tts.sent_of("synthesize")] == ["es"]
+    assert [m["language"] for m in tts.received_of("started")] == ["es"]
+    assert audio_of(down).size == pytest.approx(expected_samples(text, "es"), abs=1)
 
 
 async def test_a_voice_shares_the_originals_conditionals(sidecar_factory, model_dir):

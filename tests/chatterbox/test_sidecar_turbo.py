@@ -74,6 +74,22 @@ async def test_turbo_speaks_through_the_websocket(sidecar_factory, model_dir):
         )
         assert whole.end["type"] == "done" and whole.started["streaming"] is False
         assert len(whole.audio_bytes) == pytest.approx(expected_samples(text, 8000), abs=2)
+    # the Pipecat service speaks through Turbo, its tag kept
+    from pipecat.frames.frames import TTSSpeakFrame
+    from pipecat.pipeline.worker import PipelineParams
+    from pipecat.tests.utils import run_test
+
+    from tests.plugin.helpers import RecordingChatterboxTTSService, audio_of
+
+    text = "Hi there [laugh] you."
+    tts = RecordingChatterboxTTSService(url=sidecar.url)
+    down, _ = await run_test(
+        tts,
+        frames_to_send=[TTSSpeakFrame(text)],
+        pipeline_params=PipelineParams(audio_out_sample_rate=24000),
+    )
+    assert "".join(m["text"] for m in tts.sent_of("synthesize")).strip() == text
+    assert audio_of(down).size == pytest.approx(expected_samples(text), abs=1)
 
 
 async def test_turbo_voice_registration_keeps_its_own_conditionals(sidecar_factory, model_dir):

@@ -57,12 +57,15 @@ class ConditioningConfig:
         t3_reference_seconds: Seconds of reference tokenized for T3's speech prompt (upstream: 6).
         t3_prompt_tokens: Most speech tokens in T3's prompt (upstream: 150).
         exaggeration: Emotion value stored in ``emotion_adv`` (requests override it).
+        loudness_lufs: Integrated loudness the reference is scaled to before anything reads
+            it (upstream Turbo: -27 LUFS), or None to keep its level (the Original).
     """
 
     s3gen_reference_seconds: float = 10.0
     t3_reference_seconds: float = 6.0
     t3_prompt_tokens: int = 150
     exaggeration: float = 0.5
+    loudness_lufs: float | None = None
 
     def __post_init__(self) -> None:
         """Reject caps that leave no audio."""
@@ -174,6 +177,34 @@ def resample(wav: np.ndarray, src: int, dst: int) -> np.ndarray:
     return soxr.resample(wav, src, dst, quality="HQ").astype(np.float32, copy=False)
 
 
+def normalize_loudness(wav: np.ndarray, sample_rate: int, lufs: float) -> np.ndarray:
+    """Scale ``wav`` to an integrated loudness of ``lufs`` (ITU-R BS.1770, ``pyloudnorm``).
+
+    As upstream Turbo does, a clip whose loudness cannot be measured (shorter than one 400 ms
+    gating block, or silent) is returned unchanged, with a warning.
+
+    Args:
+        wav: Float32 mono samples.
+        sample_rate: Their rate.
+        lufs: Target loudness.
+
+    Returns:
+        The scaled samples (float32).
+    """
+    import pyloudnorm
+
+    try:
+        loudness = pyloudnorm.Meter(sample_rate).integrated_loudness(wav.astype(np.float64))
+    except ValueError as e:  # shorter than one gating block
+        logger.warning(f"Reference loudness not normalised: {e}")
+        return wav
+    gain = 10.0 ** ((lufs - loudness) / 20.0)
+    if not np.isfinite(gain) or gain <= 0.0:
+        logger.warning(f"Reference loudness not normalised: measured {loudness} LUFS")
+        return wav
+    return (wav * gain).astype(np.float32)
+
+
 def trim_silence(
     wav: np.ndarray, top_db: float, frame_length: int = 2048, hop_length: int = 512
 ) -> np.ndarray:
@@ -229,6 +260,8 @@ def compute_conditionals(
     """
     config = config or ConditioningConfig()
     wav24 = resample(wav, sample_rate, S3GEN_SR)
+    if config.loudness_lufs is not None:
+        wav24 = normalize_loudness(wav24, S3GEN_SR, config.loudness_lufs)
     wav16 = resample(wav24, S3GEN_SR, S3_SR)
 
     ref24 = wav24[: int(config.s3gen_reference_seconds * S3GEN_SR)]

@@ -274,6 +274,7 @@ class ChatterboxEngine(Engine):
         self._conditioning = ConditioningConfig(
             t3_reference_seconds=config.t3_reference_seconds or spec.t3_reference_seconds,
             t3_prompt_tokens=spec.t3_prompt_tokens,
+            loudness_lufs=spec.reference_lufs,
         )
         self._conds_file = spec.conds_file
         self.info = EngineInfo(

@@ -72,6 +72,8 @@ class ModelSpec:
         top_k: T3 top-k (0: off).
         repetition_penalty: T3 repetition penalty.
         trim_final_token: Drop the audio of the last speech token of each utterance.
+        reference_lufs: Loudness a voice's reference is normalised to before conditioning
+            (upstream Turbo: -27 LUFS), or None.
         untimed_languages: Languages whose text T3 reads respelled (Cangjie codes, kana, jamo),
             so that its text alignment no longer maps to the client's words: no word
             timestamps there.
@@ -98,6 +100,7 @@ class ModelSpec:
     top_k: int
     repetition_penalty: float
     trim_final_token: bool = False
+    reference_lufs: float | None = None
     untimed_languages: tuple[str, ...] = ()
     served: bool = True
 
@@ -156,6 +159,7 @@ TURBO = ModelSpec(
     min_p=0.0,
     top_k=1000,
     repetition_penalty=1.2,
+    reference_lufs=-27.0,
 )
 
 MULTILINGUAL = ModelSpec(
