@@ -142,7 +142,9 @@ TURBO = ModelSpec(
     repo_id="ResembleAI/chatterbox-turbo",
     # No commit of the Turbo repository could be looked up from this environment: "main" until
     # one is pinned (TTS_MODEL_DIR avoids the download altogether).
-    revision="main",
+    # The commit other public deployments pin with the files' SHA-256 (t3_turbo_v1 1,915,480,052
+    # bytes); not checked from here, where the hub cannot be reached.
+    revision="749d1c1a46eb10492095d68fbcf55691ccf137cd",
     t3_file="t3_turbo_v1.safetensors",
     s3gen_file="s3gen_meanflow.safetensors",
     tokenizer_files=("vocab.json", "merges.txt", "added_tokens.json"),
