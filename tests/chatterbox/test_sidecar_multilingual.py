@@ -105,6 +105,7 @@ async def test_multilingual_speaks_each_language_it_is_asked_for(sidecar_factory
     tts = RecordingChatterboxTTSService(
         url=sidecar.url,
         settings=RecordingChatterboxTTSService.Settings(language=Language.ES_MX),
+        stop_frame_timeout_s=60,  # CPU S3Gen on a loaded 2-core machine: chunks seconds apart
     )
     down, _ = await run_test(
         tts,
