@@ -84,3 +84,32 @@ def meanflow_model(meanflow_model_dir: Path):
     from chatterbox_sidecar.engines.chatterbox.turbo.s3gen import load_meanflow_s3gen
 
     return load_meanflow_s3gen(meanflow_model_dir / "s3gen_meanflow.safetensors", "cpu")
+
+
+# The narrow T3 of the decoding tests (test_t3_torch, test_t3_alignment_capture): real key names,
+# vocabularies and position tables, 2 layers narrowed to 256 wide (4 heads of 64, so alignment
+# heads taken modulo fall in both layers) so that the many decoding runs stay fast on 2 cores.
+# test_t3_model.py loads the real width.
+
+
+@pytest.fixture(scope="module")
+def t3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from .t3_checkpoint import write_random_t3_checkpoint
+
+    return write_random_t3_checkpoint(
+        tmp_path_factory.mktemp("t3"), n_layers=2, seed=0, hidden=256, intermediate=1024
+    )
+
+
+@pytest.fixture(scope="module")
+def model(t3_dir: Path):
+    from chatterbox_sidecar.engines.chatterbox.t3.model import T3Model
+
+    return T3Model.from_safetensors(t3_dir / "t3_cfg.safetensors", max_positions=512)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(t3_dir: Path):
+    from chatterbox_sidecar.engines.chatterbox.t3.text import T3Tokenizer
+
+    return T3Tokenizer(t3_dir / "tokenizer.json")

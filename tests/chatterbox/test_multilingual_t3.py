@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from chatterbox_sidecar.engines.chatterbox.multilingual.backend import MultilingualT3Backend
 from chatterbox_sidecar.engines.chatterbox.t3.backend import T3Request
 
 from .mtl_checkpoint import T3_FILE, TEXT_VOCAB, write_mtl_tokenizer_files
 from .t3_checkpoint import scripted_t3_state
+from .test_t3_torch import make_conds
 
 pytestmark = pytest.mark.torch
 
@@ -26,17 +26,6 @@ def mtl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     state = scripted_t3_state([*SCRIPT, 6562], text_vocab=TEXT_VOCAB, hidden=128)
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / T3_FILE))
     return folder
-
-
-def conds() -> dict:
-    gen = torch.Generator().manual_seed(0)
-    return {
-        "speaker_emb": torch.randn(1, 256, generator=gen),
-        "clap_emb": None,
-        "cond_prompt_speech_tokens": torch.randint(0, 6561, (1, 150), generator=gen),
-        "cond_prompt_speech_emb": None,
-        "emotion_adv": 0.5 * torch.ones(1, 1, 1),
-    }
 
 
 async def test_language_token_reaches_the_prompt(mtl_dir, monkeypatch):
@@ -57,7 +46,7 @@ async def test_language_token_reaches_the_prompt(mtl_dir, monkeypatch):
         tokens = {}
         for language in ("fi", "es", "en"):
             request = T3Request(
-                f"r-{language}", "Hei maailma", conds(), max_new_tokens=20, language=language
+                f"r-{language}", "Hei maailma", make_conds(0), max_new_tokens=20, language=language
             )
             tokens[language] = [t async for delta in backend.generate(request) for t in delta]
     finally:
@@ -74,11 +63,11 @@ async def test_a_language_the_tokenizer_lacks_fails_only_its_request(mtl_dir):
     backend = MultilingualT3Backend(mtl_dir, max_batch_size=1, max_seq_len=256)
     await backend.start()
     try:
-        bad = T3Request("vi", "Xin chào", conds(), max_new_tokens=20, language="vi")
+        bad = T3Request("vi", "Xin chào", make_conds(0), max_new_tokens=20, language="vi")
         with pytest.raises(Exception, match="'vi' is not available"):
             async for _ in backend.generate(bad):
                 pass
-        good = T3Request("de", "Hallo", conds(), max_new_tokens=20, language="de")
+        good = T3Request("de", "Hallo", make_conds(0), max_new_tokens=20, language="de")
         assert [t async for delta in backend.generate(good) for t in delta] == SCRIPT
     finally:
         await backend.close()

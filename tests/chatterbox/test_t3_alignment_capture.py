@@ -8,7 +8,6 @@ token, over the text keys, conditional row only.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,31 +17,11 @@ from chatterbox_sidecar.engines.chatterbox.t3.alignment import (
     alignment_heads,
 )
 from chatterbox_sidecar.engines.chatterbox.t3.model import T3Model, _apply_rope
-from chatterbox_sidecar.engines.chatterbox.t3.text import T3Tokenizer
 from chatterbox_sidecar.engines.chatterbox.t3.torch_backend import T3BatchDecoder, TorchT3Backend
 
-from .t3_checkpoint import write_random_t3_checkpoint
 from .test_t3_torch import make_conds, request, run_decoder
 
 pytestmark = pytest.mark.torch
-
-
-@pytest.fixture(scope="module")
-def t3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # 2 layers of 4 heads (256 wide): the heads taken modulo fall in both layers.
-    return write_random_t3_checkpoint(
-        tmp_path_factory.mktemp("t3a"), n_layers=2, seed=0, hidden=256, intermediate=1024
-    )
-
-
-@pytest.fixture(scope="module")
-def model(t3_dir: Path) -> T3Model:
-    return T3Model.from_safetensors(t3_dir / "t3_cfg.safetensors", max_positions=512)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(t3_dir: Path) -> T3Tokenizer:
-    return T3Tokenizer(t3_dir / "tokenizer.json")
 
 
 def test_heads_of_the_real_model_and_of_small_ones():

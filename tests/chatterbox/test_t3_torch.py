@@ -11,12 +11,11 @@ import torch
 import torch.utils._pytree as pytree
 from chatterbox_sidecar.engines.chatterbox.t3.backend import T3Request
 from chatterbox_sidecar.engines.chatterbox.t3.model import T3Model
-from chatterbox_sidecar.engines.chatterbox.t3.text import T3Tokenizer
 from chatterbox_sidecar.engines.chatterbox.t3.torch_backend import T3BatchDecoder, TorchT3Backend
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .t3_checkpoint import write_random_t3_checkpoint, write_scripted_t3_checkpoint
+from .t3_checkpoint import write_scripted_t3_checkpoint
 
 pytestmark = pytest.mark.torch
 
@@ -32,25 +31,6 @@ def make_conds(seed: int) -> dict:
         "cond_prompt_speech_emb": None,
         "emotion_adv": 0.5 * torch.ones(1, 1, 1),
     }
-
-
-@pytest.fixture(scope="module")
-def t3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # Real key names, vocabularies and position tables; narrowed to 256 wide (4 heads of 64) so
-    # the many decoding runs here stay fast on 2 cores. test_t3_model.py loads the real width.
-    return write_random_t3_checkpoint(
-        tmp_path_factory.mktemp("t3"), n_layers=2, seed=0, hidden=256, intermediate=1024
-    )
-
-
-@pytest.fixture(scope="module")
-def model(t3_dir: Path) -> T3Model:
-    return T3Model.from_safetensors(t3_dir / "t3_cfg.safetensors", max_positions=512)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(t3_dir: Path) -> T3Tokenizer:
-    return T3Tokenizer(t3_dir / "tokenizer.json")
 
 
 def request(rid: str, **kw) -> T3Request:
