@@ -3,7 +3,7 @@
 #
 # Here, once, in a copy of this checkout inside the repository that `run` sends (a git-ignored
 # folder, e.g. /work/main/.gpu_wt12), build the wheels the GPU machine lacks into .whl/:
-#   bash ../shared/gpu/wheels.sh tokenizers loguru websockets==17.4 num2words prometheus-client \
+#   bash ../shared/gpu/wheels.sh tokenizers loguru websockets==17.4 num2words prometheus-client pyloudnorm \
 #     pytest pytest-asyncio pytest-timeout iniconfig pluggy && rm -f .whl/pipecat_chatterbox-*.whl
 # and, for the baseline, the sidecar of the commit to compare with:
 #   git archive 1edc6db sidecar | tar -x -C baseline
