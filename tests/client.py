@@ -16,7 +16,7 @@ DTYPES = {"pcm_f32le": "<f4", "pcm_s16le": "<i2", "pcm_mulaw": "u1"}
 class ContextResult:
     """Everything a context produced, in arrival order."""
 
-    context_id: str
+    context_id: str | None
     started: dict | None = None
     end: dict | None = None  # the done, cancelled or error message
     chunks: list[bytes] = field(default_factory=list)
@@ -115,16 +115,34 @@ class TTSClient:
                 return item
 
     async def synthesize(self, text: str, **fields) -> ContextResult:
-        """Synthesize one whole text and collect its context."""
+        """Synthesize one whole text and collect its context.
+
+        A request the server refuses before it opens a context (a text with a NUL, say) is
+        answered by an ``error`` naming no context when the request named none: that error
+        ends this request too (its result's ``context_id`` is None).
+        """
         await self.send({"type": "synthesize", "text": text, **fields})
-        results = await self.collect(1)
+        results = await self.collect(1, contextless_error_ends=fields.get("context_id") is None)
         return next(iter(results.values()))
 
-    async def collect(self, n_contexts: int, timeout: float = 120) -> dict[str, ContextResult]:
-        """Receive until n more contexts have ended; returns the contexts that ended."""
+    async def collect(
+        self, n_contexts: int, timeout: float = 120, contextless_error_ends: bool = False
+    ) -> dict[str, ContextResult]:
+        """Receive until n more contexts have ended; returns the contexts that ended.
+
+        Args:
+            n_contexts: Contexts to wait for.
+            timeout: Seconds to wait for each message.
+            contextless_error_ends: An ``error`` without ``context_id`` counts as one ended
+                context (the refusal of a request that named none).
+        """
         ended: dict[str, ContextResult] = {}
         while len(ended) < n_contexts:
             item = await self.recv(timeout)
+            if contextless_error_ends and isinstance(item, dict) and item["type"] == "error":
+                if item.get("context_id") is None:
+                    ended[f"refused-{len(ended)}"] = ContextResult(None, end=item)
+                    continue
             if isinstance(item, dict) and item.get("context_id") in self.contexts:
                 result = self.contexts[item["context_id"]]
                 if result.end is item:

@@ -13,7 +13,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 
 from tests.asr import transcribe, word_error_rate
 from tests.client import TTSClient
@@ -244,6 +244,8 @@ async def test_memory_returns_after_the_corpus_and_a_large_request(sidecar_facto
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(texts=hostile_texts)
+# refused before a context opens (NUL), answered by an error naming no context (CI, 2026-11-30)
+@example(texts="77777 \x943k\x00")
 def test_fuzzed_texts_never_kill_the_server(sidecar, texts):
     async def run() -> None:
         async with await TTSClient.connect(sidecar.url) as client:
