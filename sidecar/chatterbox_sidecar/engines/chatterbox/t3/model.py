@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -528,6 +529,59 @@ class LlamaBackbone(nn.Module):
 # --------------------------------------------------------------------------- T3
 
 
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+def load_checkpoint(
+    path: Path,
+    build: Callable[[dict[str, tuple[int, ...]]], ModelT],
+    *,
+    kind: str,
+    ignored: Callable[[str], bool],
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> ModelT:
+    """Build a model from a safetensors checkpoint's shapes and load all its tensors into it.
+
+    The model is built on the meta device (no memory until the tensors are assigned), so a
+    checkpoint is read once, straight to ``device`` and ``dtype``.
+
+    Args:
+        path: The checkpoint.
+        build: Makes the model from the checkpoint's ``{key: shape}``.
+        kind: What the file should be, for the error (``"Chatterbox T3"``).
+        ignored: Keys the file may hold that the model does not take.
+        device: Where to put the parameters.
+        dtype: Their dtype.
+
+    Returns:
+        The model, in eval mode, without gradients.
+
+    Raises:
+        ValueError: If the model's parameters are missing from the file, the file holds keys
+            the model does not take, or shapes differ.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        with torch.device("meta"):
+            model = build(shapes)
+        wanted = model.state_dict()
+        missing = [key for key in wanted if key not in shapes]
+        unexpected = [key for key in shapes if key not in wanted and not ignored(key)]
+        wrong = [k for k in wanted if k in shapes and tuple(wanted[k].shape) != shapes[k]]
+        if missing or unexpected or wrong:
+            raise ValueError(
+                f"{path.name} is not a {kind} checkpoint: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}"
+            )
+        state = {key: f.get_tensor(key).to(device=device, dtype=dtype) for key in wanted}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.eval().requires_grad_(False)
+    return model
+
+
 class T3Model(nn.Module):
     """The whole T3 network.
 
@@ -579,27 +633,17 @@ class T3Model(nn.Module):
         Raises:
             ValueError: If the file's keys or shapes do not fit a T3 network.
         """
-        from safetensors import safe_open
-
         path = Path(path)
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-            config = T3ModelConfig.from_shapes(shapes)
-            with torch.device("meta"):
-                model = cls(config, with_backbone=with_backbone)
-            wanted = model.state_dict().keys()
-            missing = [key for key in wanted if key not in shapes]
-            unexpected = [key for key in shapes if key not in wanted and key not in IGNORED_KEYS]
-            if not with_backbone:
-                unexpected = []
-            if missing or unexpected:
-                raise ValueError(
-                    f"{path.name} is not a Chatterbox T3 checkpoint: "
-                    f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-                )
-            state = {key: f.get_tensor(key).to(device=device, dtype=dtype) for key in wanted}
-        model.load_state_dict(state, strict=True, assign=True)
-        model.eval().requires_grad_(False)
+        model = load_checkpoint(
+            path,
+            lambda shapes: cls(T3ModelConfig.from_shapes(shapes), with_backbone=with_backbone),
+            kind="Chatterbox T3",
+            # without the backbone, the backbone's tensors are the file's and not wanted here
+            ignored=lambda key: key in IGNORED_KEYS or not with_backbone,
+            device=device,
+            dtype=dtype,
+        )
+        config = model.config
         if with_backbone:
             model.rope = RotaryTable(config, max_positions, device)
         logger.info(

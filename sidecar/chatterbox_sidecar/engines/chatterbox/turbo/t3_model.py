@@ -30,7 +30,12 @@ import torch.nn.functional as F
 from loguru import logger
 from torch import Tensor, nn
 
-from chatterbox_sidecar.engines.chatterbox.t3.model import AttnContext, T3KVCache, cached_attention
+from chatterbox_sidecar.engines.chatterbox.t3.model import (
+    AttnContext,
+    T3KVCache,
+    cached_attention,
+    load_checkpoint,
+)
 
 START_SPEECH_TOKEN = 6561
 STOP_SPEECH_TOKEN = 6562
@@ -234,32 +239,16 @@ class TurboT3Model(nn.Module):
         Raises:
             ValueError: If the file's keys or shapes do not fit a Turbo T3 network.
         """
-        from safetensors import safe_open
-
         path = Path(path)
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-            config = TurboT3Config.from_shapes(shapes)
-            with torch.device("meta"):
-                model = cls(config)
-            wanted = model.state_dict()
-            missing = [key for key in wanted if key not in shapes]
-            unexpected = [
-                key
-                for key in shapes
-                if key not in wanted
-                and key not in IGNORED_KEYS
-                and not key.endswith(_IGNORED_SUFFIXES)
-            ]
-            wrong = [k for k in wanted if k in shapes and tuple(wanted[k].shape) != shapes[k]]
-            if missing or unexpected or wrong:
-                raise ValueError(
-                    f"{path.name} is not a Chatterbox-Turbo T3 checkpoint: missing {missing[:5]}, "
-                    f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}"
-                )
-            state = {key: f.get_tensor(key).to(device=device, dtype=dtype) for key in wanted}
-        model.load_state_dict(state, strict=True, assign=True)
-        model.eval().requires_grad_(False)
+        model = load_checkpoint(
+            path,
+            lambda shapes: cls(TurboT3Config.from_shapes(shapes)),
+            kind="Chatterbox-Turbo T3",
+            ignored=lambda key: key in IGNORED_KEYS or key.endswith(_IGNORED_SUFFIXES),
+            device=device,
+            dtype=dtype,
+        )
+        config = model.config
         logger.info(
             f"Loaded Turbo T3 from {path} ({config.n_layers} layers, hidden "
             f"{config.hidden_size}, {dtype}, {device})"
