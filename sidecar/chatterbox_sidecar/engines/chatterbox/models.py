@@ -20,6 +20,7 @@ upstream (resemble-ai/chatterbox ``tts.py``, ``tts_turbo.py``, ``mtl_tts.py``):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 #: S3Gen's silence token (upstream ``S3GEN_SIL``); Turbo appends three before decoding.
@@ -140,8 +141,6 @@ ORIGINAL = ModelSpec(
 TURBO = ModelSpec(
     name="chatterbox-turbo",
     repo_id="ResembleAI/chatterbox-turbo",
-    # No commit of the Turbo repository could be looked up from this environment: "main" until
-    # one is pinned (TTS_MODEL_DIR avoids the download altogether).
     # The commit other public deployments pin with the files' SHA-256 (t3_turbo_v1 1,915,480,052
     # bytes); not checked from here, where the hub cannot be reached.
     revision="749d1c1a46eb10492095d68fbcf55691ccf137cd",
@@ -164,29 +163,17 @@ TURBO = ModelSpec(
     reference_lufs=-27.0,
 )
 
-MULTILINGUAL = ModelSpec(
+# Upstream conditions the multilingual T3 exactly as the Original (6 s, 150 tokens, the same
+# voice encoder and S3Gen), so everything not named here is the Original's, conds.pt included:
+# a voice's conditionals are shared with the Original's.
+MULTILINGUAL = dataclasses.replace(
+    ORIGINAL,
     name="chatterbox-multilingual",
-    repo_id="ResembleAI/chatterbox",
     revision="05e904af2b5c7f8e482687a9d7336c5c824467d9",  # chatterbox-vllm 0.2.1's pin
     t3_file="t3_mtl23ls_v2.safetensors",
-    s3gen_file="s3gen.safetensors",
     # Cangjie5_TC.json: the character-to-Cangjie table Chinese text is spelled with
     tokenizer_files=("grapheme_mtl_merged_expanded_v1.json", "Cangjie5_TC.json"),
-    flow_steps=10,
-    meanflow=False,
-    silence_tokens=(),
     languages=MULTILINGUAL_LANGUAGES,
-    parameters=("exaggeration", "cfg_weight", "temperature", "seed"),
-    tags=(),
-    # Upstream conditions the multilingual T3 exactly as the Original (6 s, 150 tokens, the
-    # same voice encoder and S3Gen), so a voice's conditionals are shared with the Original's.
-    conds_file="conds.pt",
-    t3_reference_seconds=6.0,
-    t3_prompt_tokens=150,
-    top_p=1.0,
-    min_p=0.05,
-    top_k=0,
-    repetition_penalty=1.2,
     trim_final_token=True,
     untimed_languages=("ja", "ko", "zh"),
 )
