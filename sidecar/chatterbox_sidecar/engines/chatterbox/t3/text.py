@@ -11,7 +11,8 @@ from pathlib import Path
 
 from chatterbox_sidecar.engines.chatterbox.t3.model import START_TEXT_TOKEN, STOP_TEXT_TOKEN
 
-_REPLACEMENTS = (
+#: Upstream's punctuation replacements, in the order it applies them.
+PUNC_REPLACEMENTS = (
     ("...", ", "),
     ("…", ", "),
     (":", ","),
@@ -33,7 +34,7 @@ EMPTY_TEXT = "You need to add some text for me to talk."
 
 def punc_norm(
     text: str,
-    replacements: tuple[tuple[str, str], ...] = _REPLACEMENTS,
+    replacements: tuple[tuple[str, str], ...] = PUNC_REPLACEMENTS,
     sentence_ends: tuple[str, ...] = _SENTENCE_ENDS,
 ) -> str:
     """Clean punctuation the way upstream Chatterbox does before tokenising.

@@ -13,19 +13,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from chatterbox_sidecar.engines.chatterbox.t3.text import punc_norm
+from chatterbox_sidecar.engines.chatterbox.t3.text import PUNC_REPLACEMENTS, punc_norm
 
-_REPLACEMENTS = (
-    ("…", ", "),
-    (":", ","),
-    ("—", "-"),
-    ("–", "-"),
-    (" ,", ","),
-    ("“", '"'),
-    ("”", '"'),
-    ("‘", "'"),
-    ("’", "'"),
-)
+# The Original's replacements, less those Turbo leaves alone: "...", ";" and " - ".
+_REPLACEMENTS = tuple(r for r in PUNC_REPLACEMENTS if r[0] not in ("...", ";", " - "))
 #: Text ids GPT-2's tokenizer config truncates to (upstream tokenizes with truncation).
 DEFAULT_MAX_TEXT_TOKENS = 1024
 
