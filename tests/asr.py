@@ -25,30 +25,33 @@ def _model():
     return WhisperModel(str(get_model_path()), device="cpu", compute_type="int8", cpu_threads=1)
 
 
-def transcribe(audio: np.ndarray, sample_rate: int) -> str:
-    """Transcribe mono audio (float32 in [-1, 1] or int16) with Whisper tiny.en."""
+def _whisper_input(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Mono float32 in [-1, 1] at Whisper's rate, from float32 or int16 samples."""
     audio = np.asarray(audio)
     if audio.dtype == np.int16:
         audio = audio.astype(np.float32) / 32768.0
     audio = audio.astype(np.float32).reshape(-1)
     if sample_rate != WHISPER_RATE:
         audio = soxr.resample(audio, sample_rate, WHISPER_RATE).astype(np.float32)
+    return audio
+
+
+def transcribe(audio: np.ndarray, sample_rate: int) -> str:
+    """Transcribe mono audio (float32 in [-1, 1] or int16) with Whisper tiny.en."""
     segments, _ = _model().transcribe(
-        audio, language="en", beam_size=1, vad_filter=False, condition_on_previous_text=False
+        _whisper_input(audio, sample_rate),
+        language="en",
+        beam_size=1,
+        vad_filter=False,
+        condition_on_previous_text=False,
     )
     return " ".join(s.text.strip() for s in segments).strip()
 
 
 def transcribe_words(audio: np.ndarray, sample_rate: int) -> list[tuple[str, float, float]]:
     """Whisper tiny.en's words with its own word timestamps: ``(word, start_s, end_s)``."""
-    audio = np.asarray(audio)
-    if audio.dtype == np.int16:
-        audio = audio.astype(np.float32) / 32768.0
-    audio = audio.astype(np.float32).reshape(-1)
-    if sample_rate != WHISPER_RATE:
-        audio = soxr.resample(audio, sample_rate, WHISPER_RATE).astype(np.float32)
     segments, _ = _model().transcribe(
-        audio,
+        _whisper_input(audio, sample_rate),
         language="en",
         beam_size=1,
         vad_filter=False,

@@ -146,22 +146,34 @@ def scripted_t3_state(
     text_vocab: int = TEXT_VOCAB,
 ) -> dict[str, torch.Tensor]:
     """The state dict :func:`write_scripted_t3_checkpoint` writes (any text vocabulary size)."""
-    if len(set(script)) != len(script) or START_SPEECH in script:
-        raise ValueError("script tokens must be distinct and not the start token")
-    if len(script) >= hidden:
-        raise ValueError("script too long")
+    check_script(script, hidden)
     state = random_t3_state(n_layers, seed, hidden, intermediate, text_vocab)
     for i in range(n_layers):
         state[f"tfmr.layers.{i}.self_attn.o_proj.weight"].zero_()
         state[f"tfmr.layers.{i}.mlp.down_proj.weight"].zero_()
     state["speech_pos_emb.emb.weight"].zero_()
+    wire_script(state, script)
+    return state
+
+
+def check_script(script: Sequence[int], hidden: int) -> None:
+    """Refuse a script a chain cannot hold: repeated tokens, the start token, too many."""
+    if len(set(script)) != len(script) or START_SPEECH in script:
+        raise ValueError("script tokens must be distinct and not the start token")
+    if len(script) >= hidden:
+        raise ValueError("script too long")
+
+
+def wire_script(state: dict[str, torch.Tensor], script: Sequence[int]) -> None:
+    """Point each token's speech embedding along its own axis and map that axis, in the speech
+    head, to the next scripted token: ``6561 -> script[0] -> script[1] -> ...`` (any T3 whose
+    blocks pass the embedding through)."""
     emb, head = state["speech_emb.weight"], state["speech_head.weight"]
     chain = [START_SPEECH, *script]
     for axis, (prev, nxt) in enumerate(zip(chain, chain[1:], strict=False)):
         emb[prev] = 0.0
         emb[prev, axis] = 10.0
         head[nxt, axis] = 20.0
-    return state
 
 
 def write_scripted_model_dir(

@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .t3_checkpoint import check_script, wire_script
+
 TEXT_VOCAB = 50276
 SPEECH_VOCAB = 6563
 POSITIONS = 8196
 SPEAKER = 256
-START_SPEECH = 6561
 ADDED_TAGS = (
     "[clear throat]", "[sigh]", "[shush]", "[cough]", "[groan]", "[sniff]", "[gasp]",
     "[chuckle]", "[laugh]", "[whispering]", "[angry]", "[fear]", "[surprised]", "[crying]",
@@ -143,10 +144,7 @@ def write_scripted_turbo_t3(
     scripted token with a large logit: a fixed chain ``6561 -> script[0] -> script[1] -> ...``.
     Tokens in ``script`` must be distinct and not 6561.
     """
-    if len(set(script)) != len(script) or START_SPEECH in script:
-        raise ValueError("script tokens must be distinct and not the start token")
-    if len(script) >= hidden:
-        raise ValueError("script too long")
+    check_script(script, hidden)
     state = random_turbo_t3_state(n_layers, hidden, intermediate, seed)
     for i in range(n_layers):
         for name in ("attn.c_proj", "mlp.c_proj"):
@@ -154,12 +152,7 @@ def write_scripted_turbo_t3(
             state[f"tfmr.h.{i}.{name}.bias"].zero_()
     state["tfmr.wpe.weight"].zero_()
     state["speech_head.bias"].zero_()
-    emb, head = state["speech_emb.weight"], state["speech_head.weight"]
-    chain = [START_SPEECH, *script]
-    for axis, (prev, nxt) in enumerate(zip(chain, chain[1:], strict=False)):
-        emb[prev] = 0.0
-        emb[prev, axis] = 10.0
-        head[nxt, axis] = 20.0
+    wire_script(state, script)
     return _write_t3(Path(folder), state)
 
 
