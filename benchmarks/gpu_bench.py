@@ -464,6 +464,16 @@ async def baseline_section(model_dir: Path, replies: int = 3) -> dict:
     }
 
 
+def bench_tts_command(
+    url: str, streams: str, raw: Path, *, seconds: float = 0.0, rounds: int = 0
+) -> list[str]:
+    """``scripts/bench_tts.py`` at ``streams`` (levels, comma-separated) against ``url``, for
+    ``seconds`` a level or, without them, ``rounds`` replies a stream; raw results to ``raw``."""
+    command = [sys.executable, str(ROOT / "scripts" / "bench_tts.py"), "--url", url]
+    command += ["--streams", streams, "--encoding", "pcm_f32le", "--json", str(raw)]
+    return command + (["--seconds", str(seconds)] if seconds else ["--rounds", str(rounds)])
+
+
 def server_section(
     model_dir: Path,
     levels: str,
@@ -516,19 +526,7 @@ def server_section(
     sampler = GpuSampler(500).start()
     try:
         raw = out_dir / f"{name}.json"  # written by bench_tts as soon as the levels end
-        command = [
-            sys.executable,
-            str(ROOT / "scripts" / "bench_tts.py"),
-            "--url",
-            sidecar.url,
-            "--streams",
-            levels,
-            "--encoding",
-            "pcm_f32le",
-            "--json",
-            str(raw),
-        ]
-        command += ["--seconds", str(seconds)] if seconds else ["--rounds", str(rounds)]
+        command = bench_tts_command(sidecar.url, levels, raw, seconds=seconds, rounds=rounds)
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         print(done.stdout[-3000:], done.stderr[-2000:], flush=True)
         out["command"] = " ".join(command[1:])

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
-from gpu_bench import write_model  # noqa: E402
+from gpu_bench import bench_tts_command, write_model  # noqa: E402
 from gpu_sampler import GpuSampler  # noqa: E402
 
 
@@ -82,20 +82,7 @@ def server_sessions(stats_url: str) -> dict[str, int]:
 
 def bench(url: str, levels: str, seconds: float, raw: Path, timeout: float) -> list[dict]:
     """``scripts/bench_tts.py`` at ``levels`` against ``url``; returns its levels."""
-    command = [
-        sys.executable,
-        str(ROOT / "scripts" / "bench_tts.py"),
-        "--url",
-        url,
-        "--streams",
-        levels,
-        "--seconds",
-        str(seconds),
-        "--encoding",
-        "pcm_f32le",
-        "--json",
-        str(raw),
-    ]
+    command = bench_tts_command(url, levels, raw, seconds=seconds)
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     print(done.stdout[-3000:], done.stderr[-1500:], flush=True)
     return json.loads(raw.read_text())["levels"] if raw.exists() else []

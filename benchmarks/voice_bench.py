@@ -55,20 +55,9 @@ def reference_wav(seconds: float, seed: int) -> bytes:
 
 def load(url: str, streams: int, seconds: float, out: Path) -> subprocess.Popen:
     """Start ``bench_tts.py`` speaking for ``seconds`` (continuity in its JSON)."""
-    command = [
-        sys.executable,
-        str(ROOT / "scripts" / "bench_tts.py"),
-        "--url",
-        url,
-        "--streams",
-        str(streams),
-        "--seconds",
-        str(seconds),
-        "--encoding",
-        "pcm_f32le",
-        "--json",
-        str(out),
-    ]
+    from gpu_bench import bench_tts_command
+
+    command = bench_tts_command(url, str(streams), out, seconds=seconds)
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
