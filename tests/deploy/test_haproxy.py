@@ -39,7 +39,6 @@ from pipecat.frames.frames import (
     TTSAudioRawFrame,
     TTSSpeakFrame,
     TTSStartedFrame,
-    TTSStoppedFrame,
 )
 from pipecat.pipeline.worker import PipelineParams
 from pipecat.utils.errors import ErrorCategory
@@ -62,7 +61,14 @@ from tests.deploy.fleet import (
     require_haproxy,
     start_turn,
 )
-from tests.plugin.helpers import LivePipeline, RecordingChatterboxTTSService, audio_of, of_type
+from tests.plugin.helpers import (
+    LivePipeline,
+    RecordingChatterboxTTSService,
+    audio_of,
+    of_type,
+    speak,
+    stop_of,
+)
 from tests.plugin.test_speech import LONG_REPLY
 
 
@@ -358,21 +364,6 @@ def _service(fleet: Fleet) -> tuple[RecordingChatterboxTTSService, LivePipeline,
     return tts, LivePipeline(tts, PipelineParams(audio_out_sample_rate=RATE)), servers
 
 
-def _stop_of(context_id: str):
-    return lambda f: isinstance(f, TTSStoppedFrame) and f.context_id == context_id
-
-
-async def _speak(live: LivePipeline, text: str, timeout: float = 60) -> str:
-    """Speak a TTSSpeakFrame to its end; returns its context id."""
-    known = {f.context_id for f in of_type(live.down, TTSStartedFrame)}
-    await live.send(TTSSpeakFrame(text))
-    started = await live.wait_for(
-        lambda f: isinstance(f, TTSStartedFrame) and f.context_id not in known, timeout
-    )
-    await live.wait_for(_stop_of(started.context_id), timeout)
-    return started.context_id
-
-
 def _assert_spoken(live: LivePipeline, context_id: str, text: str) -> None:
     heard = transcribe(audio_of(live.down, context_id), RATE)
     assert word_error_rate(text, heard) <= 0.2, f"asked for {text!r}, heard {heard!r}"
@@ -389,12 +380,12 @@ async def test_plugin_next_turn_after_its_sidecar_is_killed_is_spoken(fleet_fact
 
     os.kill(fleet.pid(victim), signal.SIGKILL)
     # the turn in progress ends where its audio stopped ...
-    await live.wait_for(_stop_of(first.context_id), timeout=10)
+    await live.wait_for(stop_of(first.context_id), timeout=10)
     # ... the service reconnects through HAProxy, which sends it to another sidecar ...
     await async_wait_until(lambda: len(servers) == 2, 10, "the service reconnected")
     assert servers[1] != victim, servers
     # ... and the next turn is spoken.
-    after = await _speak(live, NEXT_TURN)
+    after = await speak(live, NEXT_TURN)
     await live.end()
 
     errors = of_type(live.up, ErrorFrame)
@@ -424,7 +415,7 @@ async def test_plugin_waits_while_the_fleet_is_full_and_speaks_once_capacity_fre
     freed_client, freed = calls[0]
     end = await finish_call(freed_client, "call0")
     assert end["type"] == "done"
-    await live.wait_for(_stop_of(started.context_id), timeout=30)
+    await live.wait_for(stop_of(started.context_id), timeout=30)
     await live.end()
 
     assert servers == [freed], servers
@@ -458,7 +449,7 @@ async def test_plugin_turn_refused_by_its_full_sidecar_is_spoken_by_another(flee
 
     # the turn's context is refused (busy) by `full`; the service sends it again on a new
     # connection, which HAProxy gives to `other`
-    context_id = await _speak(live, NEXT_TURN)
+    context_id = await speak(live, NEXT_TURN)
     await live.end()
 
     refusals = [m for m in tts.received_of("error") if m.get("context_id") == context_id]

@@ -10,7 +10,14 @@ from typing import Any
 
 import numpy as np
 import soundfile as sf
-from pipecat.frames.frames import EndFrame, Frame, TTSAudioRawFrame
+from pipecat.frames.frames import (
+    EndFrame,
+    Frame,
+    TTSAudioRawFrame,
+    TTSSpeakFrame,
+    TTSStartedFrame,
+    TTSStoppedFrame,
+)
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
@@ -139,3 +146,22 @@ class LivePipeline:
         while not self._up.empty():
             self.up.append(self._up.get_nowait())
         return elapsed
+
+
+def stop_of(context_id: str) -> Callable[[Frame], bool]:
+    """A predicate for the ``TTSStoppedFrame`` of one context."""
+    return lambda f: isinstance(f, TTSStoppedFrame) and f.context_id == context_id
+
+
+async def speak(live: LivePipeline, text: str, timeout: float = 60) -> str:
+    """Send a ``TTSSpeakFrame`` and wait for its ``TTSStoppedFrame``; returns its context id.
+
+    Each wait (for the new context's start, then for its stop) lasts at most ``timeout``.
+    """
+    known = {f.context_id for f in of_type(live.down, TTSStartedFrame)}
+    await live.send(TTSSpeakFrame(text))
+    started = await live.wait_for(
+        lambda f: isinstance(f, TTSStartedFrame) and f.context_id not in known, timeout
+    )
+    await live.wait_for(stop_of(started.context_id), timeout)
+    return started.context_id

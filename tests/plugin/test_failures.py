@@ -23,12 +23,8 @@ from pipecat_chatterbox import ChatterboxTTSService, SidecarError, list_voices
 
 from tests.asr import transcribe, word_error_rate
 
-from .helpers import LivePipeline, RecordingChatterboxTTSService, audio_of, of_type
+from .helpers import LivePipeline, RecordingChatterboxTTSService, audio_of, of_type, stop_of
 from .test_speech import LONG_REPLY
-
-
-def is_stop_of(context_id: str):
-    return lambda f: isinstance(f, TTSStoppedFrame) and f.context_id == context_id
 
 
 async def test_sidecar_restart_mid_reply_then_next_utterance_plays(sidecar_factory):
@@ -57,7 +53,7 @@ async def test_sidecar_restart_mid_reply_then_next_utterance_plays(sidecar_facto
 
     # The sidecar goes away mid-reply: the reply stops (no 3 s wait, no hang) ...
     await asyncio.to_thread(sidecar.stop)
-    await live.wait_for(is_stop_of(first.context_id), timeout=5)
+    await live.wait_for(stop_of(first.context_id), timeout=5)
     # ... and when it is back, the service reconnects by itself.
     await asyncio.to_thread(sidecar.start)
     await asyncio.wait_for(reconnected.wait(), timeout=3 * wait_s + 5)
@@ -67,7 +63,7 @@ async def test_sidecar_restart_mid_reply_then_next_utterance_plays(sidecar_facto
     started = await live.wait_for(
         lambda f: isinstance(f, TTSStartedFrame) and f.context_id != first.context_id
     )
-    await live.wait_for(is_stop_of(started.context_id))
+    await live.wait_for(stop_of(started.context_id))
     await live.end()
 
     assert tts.is_usable

@@ -10,9 +10,6 @@ import asyncio
 
 from pipecat.frames.frames import (
     ErrorFrame,
-    TTSSpeakFrame,
-    TTSStartedFrame,
-    TTSStoppedFrame,
     TTSUpdateSettingsFrame,
 )
 from pipecat.pipeline.worker import PipelineParams, ProcessorUnusablePolicy
@@ -20,26 +17,10 @@ from pipecat_chatterbox import ChatterboxTTSService, SidecarError
 
 from tests.asr import transcribe, word_error_rate
 
-from .helpers import LivePipeline, RecordingChatterboxTTSService, audio_of, of_type
+from .helpers import LivePipeline, RecordingChatterboxTTSService, audio_of, of_type, speak
 
 # The shortest idle timeout the sidecar accepts is 1 s.
 IDLE_SECONDS = 1.5
-
-
-def started(live: LivePipeline, after: int = 0):
-    """A predicate for the next TTSStartedFrame beyond the first ``after`` seen."""
-    return lambda f: (
-        isinstance(f, TTSStartedFrame) and (len(of_type(live.down, TTSStartedFrame)) > after)
-    )
-
-
-async def speak_turn(live: LivePipeline, text: str) -> str:
-    """Speak one turn and wait for its end; returns its context id."""
-    before = len(of_type(live.down, TTSStartedFrame))
-    await live.send(TTSSpeakFrame(text))
-    context_id = (await live.wait_for(started(live, before))).context_id
-    await live.wait_for(lambda f: isinstance(f, TTSStoppedFrame) and f.context_id == context_id)
-    return context_id
 
 
 async def test_idle_past_the_sidecar_timeout_then_next_turn_speaks_without_reconnect(
@@ -57,11 +38,11 @@ async def test_idle_past_the_sidecar_timeout_then_next_turn_speaks_without_recon
 
     live = LivePipeline(tts, PipelineParams(audio_out_sample_rate=16000))
     await live.start()
-    await speak_turn(live, "Hello.")
+    await speak(live, "Hello.", timeout=30)
     # Nobody speaks for three idle timeouts.
     await asyncio.sleep(3 * IDLE_SECONDS)
     after = "Are you still there? The answer comes now."
-    context_id = await speak_turn(live, after)
+    context_id = await speak(live, after, timeout=30)
     await live.end()
 
     assert tts.server_info["limits"]["idle_timeout_seconds"] == IDLE_SECONDS
@@ -93,10 +74,10 @@ async def test_mistyped_voice_fails_its_turns_only_and_a_good_voice_speaks(sidec
     )
     await live.start()
     # More bad turns than Pipecat's limit of silent contexts in a row (3).
-    bad = [await speak_turn(live, f"Attempt number {n}.") for n in range(4)]
+    bad = [await speak(live, f"Attempt number {n}.", timeout=30) for n in range(4)]
     await live.send(TTSUpdateSettingsFrame(delta=ChatterboxTTSService.Settings(voice="default")))
     good_text = "Thank you for calling. How can I help you today?"
-    good = await speak_turn(live, good_text)
+    good = await speak(live, good_text, timeout=30)
     await live.end()
 
     errors = of_type(live.up, ErrorFrame)

@@ -28,7 +28,14 @@ from pipecat_chatterbox.retry import BusyBackoff
 from tests.asr import transcribe, word_error_rate
 from tests.client import TTSClient
 
-from .helpers import LivePipeline, RecordingChatterboxTTSService, audio_of, of_type
+from .helpers import (
+    LivePipeline,
+    RecordingChatterboxTTSService,
+    audio_of,
+    of_type,
+    speak,
+    stop_of,
+)
 from .test_speech import LONG_REPLY
 
 RATE = 16000
@@ -82,24 +89,9 @@ class ResettingRelay:
             await self._server.wait_closed()
 
 
-def stop_of(context_id: str):
-    return lambda f: isinstance(f, TTSStoppedFrame) and f.context_id == context_id
-
-
 def assert_says(audio, text: str) -> None:
     heard = transcribe(audio, RATE)
     assert word_error_rate(text, heard) <= 0.2, f"asked for {text!r}, heard {heard!r}"
-
-
-async def speak(live: LivePipeline, text: str, timeout: float = 60) -> str:
-    """Send a TTSSpeakFrame and wait for its TTSStoppedFrame; returns its context id."""
-    known = {f.context_id for f in of_type(live.down, TTSStartedFrame)}
-    await live.send(TTSSpeakFrame(text))
-    started = await live.wait_for(
-        lambda f: isinstance(f, TTSStartedFrame) and f.context_id not in known, timeout
-    )
-    await live.wait_for(stop_of(started.context_id), timeout)
-    return started.context_id
 
 
 def test_busy_backoff_is_exponential_jittered_and_bounded():
