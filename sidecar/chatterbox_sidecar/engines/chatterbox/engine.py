@@ -54,7 +54,13 @@ from chatterbox_sidecar.engines.chatterbox.conditionals import (
     compute_conditionals,
     compute_conditionals_from_file,
 )
-from chatterbox_sidecar.engines.chatterbox.models import ModelSpec, model_spec
+from chatterbox_sidecar.engines.chatterbox.models import (
+    MULTILINGUAL,
+    ORIGINAL,
+    TURBO,
+    ModelSpec,
+    model_spec,
+)
 from chatterbox_sidecar.engines.chatterbox.s3gen.stream import (
     LOOKAHEAD_TOKENS,
     SAMPLE_RATE,
@@ -318,11 +324,6 @@ class ChatterboxEngine(Engine):
         )
         spec = self._spec
         try:
-            if not spec.served:
-                raise EngineError(
-                    f"TTS_MODEL={spec.name} is not served by this version yet "
-                    "(chatterbox and chatterbox-turbo are)"
-                )
             self._model_dir = await asyncio.to_thread(
                 functools.partial(
                     resolve_model_dir,
@@ -535,32 +536,8 @@ class ChatterboxEngine(Engine):
     def _make_t3_backend(self, model_dir: Path) -> T3Backend:
         cfg = self.config
         kind = cfg.t3_backend
-        if self._spec.name == "chatterbox-turbo":
-            if kind == "vllm":
-                raise EngineError("TTS_T3_BACKEND=vllm serves the Original model only")
-            from chatterbox_sidecar.engines.chatterbox.turbo.t3_backend import TurboT3Backend
-
-            return TurboT3Backend(
-                model_dir,
-                device=cfg.device,
-                dtype=cfg.dtype,
-                max_batch_size=cfg.max_concurrency,
-                top_k=self._spec.top_k,
-            )
-        if self._spec.name == "chatterbox-multilingual":
-            if kind == "vllm":
-                raise EngineError("TTS_T3_BACKEND=vllm serves the Original model only")
-            from chatterbox_sidecar.engines.chatterbox.multilingual.backend import (
-                MultilingualT3Backend,
-            )
-
-            return MultilingualT3Backend(
-                model_dir,
-                t3_file=self._spec.t3_file,
-                device=cfg.device,
-                dtype=cfg.dtype,
-                max_batch_size=cfg.max_concurrency,
-            )
+        if kind == "vllm" and self._spec.name != ORIGINAL.name:
+            raise EngineError("TTS_T3_BACKEND=vllm serves the Original model only")
         if kind == "auto":
             # The torch backend is the measured one (CUDA graphs, sampling in the graph; see
             # BENCHMARKS.md) and follows upstream where chatterbox-vllm does not (per-request
@@ -583,16 +560,26 @@ class ChatterboxEngine(Engine):
                 enforce_eager=cfg.enforce_eager,
                 cfg_scale=cfg.cfg_scale,
             )
-        if kind == "torch":
-            from chatterbox_sidecar.engines.chatterbox.t3.torch_backend import TorchT3Backend
+        if kind != "torch":
+            raise EngineError(f"unknown T3 backend {cfg.t3_backend!r} (auto, vllm or torch)")
+        torch_options: dict[str, Any] = {
+            "device": cfg.device,
+            "dtype": cfg.dtype,
+            "max_batch_size": cfg.max_concurrency,
+        }
+        if self._spec.name == TURBO.name:
+            from chatterbox_sidecar.engines.chatterbox.turbo.t3_backend import TurboT3Backend
 
-            return TorchT3Backend(
-                model_dir,
-                device=cfg.device,
-                dtype=cfg.dtype,
-                max_batch_size=cfg.max_concurrency,
+            return TurboT3Backend(model_dir, top_k=self._spec.top_k, **torch_options)
+        if self._spec.name == MULTILINGUAL.name:
+            from chatterbox_sidecar.engines.chatterbox.multilingual.backend import (
+                MultilingualT3Backend,
             )
-        raise EngineError(f"unknown T3 backend {cfg.t3_backend!r} (auto, vllm or torch)")
+
+            return MultilingualT3Backend(model_dir, t3_file=self._spec.t3_file, **torch_options)
+        from chatterbox_sidecar.engines.chatterbox.t3.torch_backend import TorchT3Backend
+
+        return TorchT3Backend(model_dir, **torch_options)
 
     async def close(self) -> None:
         """Stop T3 and the worker threads."""

@@ -78,7 +78,6 @@ class ModelSpec:
         untimed_languages: Languages whose text T3 reads respelled (Cangjie codes, kana, jamo),
             so that its text alignment no longer maps to the client's words: no word
             timestamps there.
-        served: Whether this engine can serve the model yet.
     """
 
     name: str
@@ -103,7 +102,6 @@ class ModelSpec:
     trim_final_token: bool = False
     reference_lufs: float | None = None
     untimed_languages: tuple[str, ...] = ()
-    served: bool = True
 
     @property
     def files(self) -> tuple[str, ...]:
