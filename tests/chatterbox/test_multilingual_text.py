@@ -43,7 +43,7 @@ def vocab(folder: Path) -> dict[str, int]:
 
 def test_multilingual_spec_follows_upstream():
     spec = model_spec("chatterbox-multilingual")
-    assert spec is MULTILINGUAL and spec.served
+    assert spec is MULTILINGUAL  # served: its sidecar test starts and speaks it
     assert spec.t3_file == "t3_mtl23ls_v2.safetensors"
     assert "grapheme_mtl_merged_expanded_v1.json" in spec.files
     assert "Cangjie5_TC.json" in spec.files
