@@ -14,6 +14,7 @@ import site
 import subprocess
 import venv
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 import soundfile as sf
@@ -84,6 +85,7 @@ def start(clone: Path, port: int, **extra: str) -> subprocess.Popen:
 def test_start_script_then_readme_try_it_line_gives_speech(clone: Path, tmp_path: Path):
     port = free_port()
     line = try_it_line().replace("localhost:8002", f"127.0.0.1:{port}")
+    spoken = unquote(re.search(r"text=([^\"]+)", line).group(1))
     assert f"127.0.0.1:{port}/health/ready" in line and f"127.0.0.1:{port}/v1/synthesize" in line
     server = start(clone, port)
     try:
@@ -95,10 +97,13 @@ def test_start_script_then_readme_try_it_line_gives_speech(clone: Path, tmp_path
         )
         assert tried.returncode == 0, tried.stderr
         audio, rate = sf.read(user / "hello.wav", dtype="float32")
-        assert word_error_rate("Hello there.", transcribe(audio, rate)) == 0
+        heard = transcribe(audio, rate)
+        # a few words, so that Whisper tiny mishearing one ("Hello" as "below") does not fail it
+        assert len(spoken.split()) >= 5, spoken
+        assert word_error_rate(spoken, heard) <= 0.2, heard
 
         # An error status fails loudly and writes no file.
-        bad = line.replace("text=Hello%20there.", "text=").replace("hello.wav", "empty.wav")
+        bad = re.sub(r"text=[^\"]+", "text=", line).replace("hello.wav", "empty.wav")
         failed = subprocess.run(
             ["bash", "-c", bad], cwd=user, capture_output=True, text=True, timeout=60
         )
