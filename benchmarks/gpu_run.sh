@@ -101,10 +101,14 @@ case "$step" in
     run 570 models python3 benchmarks/model_bench.py --levels 1,4,16 --seconds 25 \
       --out "$OUT/models.json" "$@"
     ;;
-  turbo-capacity)  # issue 16's last figure: Turbo past 16 streams, and the capacity it calibrates
-    run 560 models python3 benchmarks/model_bench.py --models chatterbox-turbo \
-      --levels 16,32,64 --seconds 25 --timeout 400 --out "$OUT/turbo_capacity.json" "$@"
-    grep -h "calibration\|ready on" "$OUT"/sidecar_chatterbox_turbo/logs/tts.log | cut -c1-400
+  capacity)  # issue 16: Turbo's gap-free capacity beside the Original's, and what each calibrates
+    run 560 models python3 benchmarks/model_bench.py --models chatterbox-turbo,chatterbox \
+      --levels-of chatterbox-turbo=16,24,32,48,64 --levels-of chatterbox=4,8,16 --seconds 25 \
+      --timeout 400 --out "$OUT/capacity.json" "$@"
+    ;;
+  multilingual)  # issue 16: Multilingual (the Original's T3 size, 2454 text tokens) on the GPU
+    run 400 models python3 benchmarks/model_bench.py --models chatterbox-multilingual,chatterbox \
+      --levels 1,4,16 --seconds 25 --timeout 200 --out "$OUT/multilingual.json" "$@"
     ;;
   voices)  # issue 13: registration under a 16-stream load (the GIL switch interval 5 vs 0.5 ms
     # was measured with a TTS_GIL_SWITCH_MS setting since removed: no effect, see NOTES.md)

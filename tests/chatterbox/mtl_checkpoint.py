@@ -17,7 +17,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from .t3_checkpoint import scripted_t3_state
+from .t3_checkpoint import random_t3_state, scripted_t3_state
 
 TEXT_VOCAB = 2454
 T3_FILE = "t3_mtl23ls_v2.safetensors"
@@ -48,15 +48,19 @@ def write_mtl_tokenizer_files(folder: Path) -> Path:
 
 
 def write_mtl_model_dir(
-    model_dir: str | Path, s3gen_model_dir: Path, script: Sequence[int], **t3_options
+    model_dir: str | Path, s3gen_model_dir: Path, script: Sequence[int] | None, **t3_options
 ) -> Path:
-    """A whole multilingual folder: a scripted T3 (see ``t3_checkpoint.scripted_t3_state``)
-    with the 2454-entry text vocabulary, the tokenizer files, and the S3Gen, voice-encoder and
-    conds files of ``s3gen_model_dir`` (linked)."""
+    """A whole multilingual folder: a scripted T3 (see ``t3_checkpoint.scripted_t3_state``;
+    without ``script``, a random one, full size unless ``t3_options`` narrow it) with the
+    2454-entry text vocabulary, the tokenizer files, and the S3Gen, voice-encoder and conds
+    files of ``s3gen_model_dir`` (linked)."""
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     for name in ("s3gen.safetensors", "ve.safetensors", "conds.pt"):
         (model_dir / name).symlink_to(s3gen_model_dir / name)
-    state = scripted_t3_state(script, text_vocab=TEXT_VOCAB, **t3_options)
+    if script is None:
+        state = random_t3_state(text_vocab=TEXT_VOCAB, **t3_options)
+    else:
+        state = scripted_t3_state(script, text_vocab=TEXT_VOCAB, **t3_options)
     save_file({k: v.contiguous() for k, v in state.items()}, str(model_dir / T3_FILE))
     return write_mtl_tokenizer_files(model_dir)
