@@ -516,6 +516,7 @@ def server_section(
         # Measure past the engine's own capacity: the levels are what the GPU does, not what
         # the server admits (`busy` answers would hide it).
         "TTS_MAX_STREAMS": str(max(int(x) for x in levels.split(","))),
+        "TTS_OVERLOAD_HOLD_SECONDS": "0",  # nor would the engine's falling-behind guard
         "TTS_LOG_LEVEL": "INFO",
         **(extra_env or {}),
     }

@@ -119,6 +119,7 @@ def main() -> None:
         "TTS_DEVICE": "cuda",
         "TTS_FLOW_STEPS": "10",
         "TTS_MAX_STREAMS": str(most),
+        "TTS_OVERLOAD_HOLD_SECONDS": "0",  # nor the engine's falling-behind guard
         "TTS_ENGINE_CONCURRENCY": str(most),
         "TTS_MAX_CONNECTIONS": "1000",
         "TTS_PYTHON": sys.executable,

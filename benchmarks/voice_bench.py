@@ -93,6 +93,7 @@ async def run(args) -> dict:
         "TTS_MODEL_DIR": str(model_dir),
         "TTS_ENGINE_CONCURRENCY": "64",
         "TTS_MAX_STREAMS": "64",
+        "TTS_OVERLOAD_HOLD_SECONDS": "0",
         "TTS_LOG_LEVEL": "INFO",
         **dict(item.split("=", 1) for item in args.env),
     }

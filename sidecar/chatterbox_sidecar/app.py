@@ -116,6 +116,13 @@ class App:
                 "try another server or retry shortly",
                 context_id,
             )
+        if self.engine.falling_behind:
+            raise ProtocolError(
+                "busy",
+                "server falling behind: a stream's audio came late in the last few seconds "
+                "(TTS_OVERLOAD_HOLD_SECONDS); try another server or retry shortly",
+                context_id,
+            )
 
     @contextmanager
     def http_stream(self) -> Iterator[None]:
@@ -213,8 +220,9 @@ class App:
 
         Returns:
             ``ready``, or why not: ``failed``, ``device_fault``, ``loading``, ``draining``,
-            ``degraded`` (the engine failed several contexts in a row, or has no worker up) or
-            ``at_capacity``.
+            ``degraded`` (the engine failed several contexts in a row, or has no worker up),
+            ``at_capacity`` or ``falling_behind`` (the engine gave a stream its audio late
+            lately; see :attr:`Engine.falling_behind`).
         """
         if self.load_error:
             return "failed"
@@ -228,6 +236,8 @@ class App:
             return "degraded"
         if self.active_streams >= self.capacity:
             return "at_capacity"
+        if self.engine.falling_behind:
+            return "falling_behind"
         return "ready"
 
     def health(self) -> dict:

@@ -66,6 +66,10 @@ class SidecarConfig:
         max_streams: Contexts open across all connections (and HTTP syntheses) before new ones
             get ``busy`` and ``/health/ready`` answers 503; 0 for the engine's capacity
             (``TTS_MAX_STREAMS``; ``TTS_MAX_ACTIVE_CONTEXTS`` is its old name).
+        overload_hold_seconds: After the engine gave a playing stream its audio late (it fell
+            behind), how long new streams get ``busy`` and ``/health/ready`` answers 503; 0
+            never; None for the engine's default (the chatterbox engine: 5 s on CUDA, never
+            on the CPU) (``TTS_OVERLOAD_HOLD_SECONDS``).
         context_idle_seconds: An open context with no text and no flush for this long is ended
             with ``timeout`` (``TTS_CONTEXT_IDLE_SECONDS``).
         max_voices: Registered voices the store holds (``TTS_MAX_VOICES``).
@@ -104,6 +108,7 @@ class SidecarConfig:
     reference_seconds: float = 0.0
     compile_flow: bool = False
     max_streams: int = 0
+    overload_hold_seconds: float | None = None
     context_idle_seconds: float = 60.0
     max_voices: int = 1000
     max_audio_seconds: float = 3600.0
@@ -157,6 +162,7 @@ class SidecarConfig:
             max_streams=r.int(
                 "TTS_MAX_STREAMS", r.int("TTS_MAX_ACTIVE_CONTEXTS", 0, 0, 1_000_000), 0, 1_000_000
             ),
+            overload_hold_seconds=r.optional_float("TTS_OVERLOAD_HOLD_SECONDS", 0.0, 3600.0),
             context_idle_seconds=r.float("TTS_CONTEXT_IDLE_SECONDS", 60.0, 0.5, 86400.0),
             max_voices=r.int("TTS_MAX_VOICES", 1000, 1, 1_000_000),
             max_audio_seconds=r.float("TTS_MAX_AUDIO_SECONDS", 3600.0, 1.0, 86400.0),
@@ -218,6 +224,9 @@ class _Reader:
         if not low <= number <= high:
             raise ConfigError(f"{name} must be between {low} and {high}, got {number}")
         return number
+
+    def optional_float(self, name: str, low: float, high: float) -> float | None:
+        return None if self._raw(name) is None else self.float(name, 0.0, low, high)
 
     def float(self, name: str, default: float, low: float, high: float) -> float:
         value = self._raw(name)

@@ -75,6 +75,7 @@ def create_engine(config: SidecarConfig) -> Engine:
         context_window=config.context_window,
         flow_steps=config.flow_steps or None,
         compile_flow=config.compile_flow,
+        overload_hold_seconds=config.overload_hold_seconds,
         streaming_default=config.streaming,
         **({"max_concurrency": config.engine_concurrency} if config.engine_concurrency else {}),
     )

@@ -277,6 +277,15 @@ class Engine(ABC):
         """Returns: whether the engine can take work now (False while no worker is up)."""
         return True
 
+    @property
+    def falling_behind(self) -> bool:
+        """Returns: whether the engine lately gave a playing listener its audio late.
+
+        It is then past what it can keep gap-free, whatever its capacity says, and the server
+        takes no new stream. Engines that do not watch for it never are.
+        """
+        return False
+
     @abstractmethod
     async def close(self) -> None:
         """Release the model and any worker threads or processes."""

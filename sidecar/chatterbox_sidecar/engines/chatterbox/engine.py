@@ -12,6 +12,14 @@ start at its first chunk). It asks for a chunk when a full hop of tokens waits (
 runs dry comes within the scheduler's expected turnaround plus ``urgency_margin``. S3Gen
 serves the earliest deadline first; first chunks take a lane of their own.
 
+Falling behind: a chunk that reaches a playing listener more than ``LATE_TOLERANCE_S`` after
+it ran dry, with the piece's text there before that (and ``PIECE_ALLOWANCE_S`` for a piece's
+first chunk), is the engine's own lateness (T3 or S3Gen could not keep up; text that came late
+from the client does not count). After one, the engine
+reports :attr:`falling_behind` for ``overload_hold_seconds`` and the server takes no new stream
+(``busy``), so that a GPU past what it can keep gap-free stops adding calls that would make
+every call stutter, whatever the calibrated capacity said.
+
 S3Gen (and the voice conditioning) run in worker threads, never on the event loop. Closing the
 audio iterator aborts the T3 request; at most the chunk being decoded is finished first.
 
@@ -87,6 +95,15 @@ CUDA_REFERENCE_SECONDS = 4.0
 # takes there (first chunks always go there).
 FAST_MAX_BATCH = 16
 FAST_MAX_TOKENS = 28
+# A chunk this late after its listener ran dry is a gap the listener hears (the server's and
+# bench_tts's measure: session.UNDERRUN_TOLERANCE_S).
+LATE_TOLERANCE_S = 0.05
+# A piece's first chunk may take this long after its text came before a listener who ran dry
+# meanwhile counts it late (text that came just before the end of the audio cannot be spoken
+# in no time): issue 12's first-audio target, p95.
+PIECE_ALLOWANCE_S = 0.25
+# How long the engine reports falling behind after a late chunk, on CUDA (see the docstring).
+CUDA_OVERLOAD_HOLD_S = 5.0
 ALIGNMENT_SOURCE = (
     "T3 text-speech attention (upstream's multilingual alignment heads; accuracy on the "
     "English model unmeasured)"
@@ -124,6 +141,10 @@ class ChatterboxEngineConfig:
             calibrates on CUDA at start (see ``_calibrate``) and leaves it unknown on CPU.
         gpu_share: Share of GPU time the calibration's cost model lets the streams' work take
             (calibrated against what an H200 kept gap-free; see ``_calibrate``).
+        overload_hold_seconds: After a chunk reached a playing listener late, how long
+            :attr:`ChatterboxEngine.falling_behind` stays true (the server answers ``busy``
+            meanwhile); 0: never. None: ``CUDA_OVERLOAD_HOLD_S`` on CUDA, 0 on CPU (slower
+            than real time there: every stream would hold it).
         chunk_size: New speech tokens of the second chunk (``TTS_CHUNK_SIZE``); later hops
             double up to ``max_chunk_size``.
         max_chunk_size: Largest hop (fewer context and prompt frames re-decoded per second of
@@ -167,6 +188,7 @@ class ChatterboxEngineConfig:
     # Between what the model predicts for the measured gap-free level on an H200 (1 stream:
     # 0.12) and for the first level measured with gaps (16 streams: 0.23); BENCHMARKS.md.
     gpu_share: float = 0.15
+    overload_hold_seconds: float | None = None
     chunk_size: int = 25
     max_chunk_size: int = 100
     first_chunk_size: int = 12
@@ -200,6 +222,12 @@ class ChatterboxEngineConfig:
     def on_cuda(self) -> bool:
         """Returns: whether the engine runs on a CUDA device."""
         return self.device.startswith("cuda")
+
+    def resolved_overload_hold(self) -> float:
+        """Returns: seconds ``falling_behind`` holds after a late chunk (0: never)."""
+        if self.overload_hold_seconds is not None:
+            return self.overload_hold_seconds
+        return CUDA_OVERLOAD_HOLD_S if self.on_cuda else 0.0
 
     def resolved_reference_seconds(self) -> float:
         """Returns: the S3Gen reference cap in seconds (the device default when unset)."""
@@ -238,14 +266,43 @@ class _TokenPump:
 
 @dataclass
 class _Playback:
-    """A context's listener: when playback started and how much audio it was given."""
+    """A context's listener as the engine sees it: playing in real time from its first chunk.
 
-    started: float | None = None  # loop time of the first chunk
-    emitted: float = 0.0  # seconds of audio yielded
+    A chunk that comes after the listener ran dry restarts playback from it (the listener
+    waited), so a pause in the client's text is not carried into later deadlines.
+    """
+
+    started: float | None = None  # loop time playback (re)started from
+    emitted: float = 0.0  # seconds of audio yielded since ``started``
 
     def dry_at(self, asked_at: float) -> float:
         """Loop time at which the listener runs out of audio (``asked_at`` before any)."""
         return asked_at if self.started is None else self.started + self.emitted
+
+    def emit(self, seconds: float, now: float, asked_at: float) -> float:
+        """Account for a chunk yielded at ``now``.
+
+        Args:
+            seconds: Its audio.
+            now: Loop time it was yielded.
+            asked_at: Loop time its piece's text reached the engine.
+
+        Returns:
+            The engine's lateness: how long the listener waited for it past the later of when
+            it ran dry and ``PIECE_ALLOWANCE_S`` after the piece's text came, if the text came
+            before it ran dry (0 otherwise: the wait was the client's text).
+        """
+        late = 0.0
+        if self.started is None:
+            self.started = now
+        else:
+            dry = self.started + self.emitted
+            if now > dry:
+                if dry > asked_at:
+                    late = max(0.0, now - max(dry, asked_at + PIECE_ALLOWANCE_S))
+                self.started, self.emitted = now, 0.0
+        self.emitted += seconds
+        return late
 
 
 def _alignment_reader(
@@ -310,6 +367,8 @@ class ChatterboxEngine(Engine):
         self._voices: dict[str, _CachedVoice] = {}
         self._voice_locks: dict[str, asyncio.Lock] = {}
         self._requests = 0
+        self._late_chunks = 0
+        self._behind_until = 0.0  # time.monotonic() until which falling_behind holds
 
     # ---- life cycle ------------------------------------------------------------------
 
@@ -592,6 +651,30 @@ class ChatterboxEngine(Engine):
         self._fast_executor.shutdown(wait=False, cancel_futures=True)
         self._voice_executor.shutdown(wait=False, cancel_futures=True)
 
+    # ---- load --------------------------------------------------------------------------
+
+    @property
+    def falling_behind(self) -> bool:
+        """Returns: whether a chunk reached a playing listener late within the hold time."""
+        return time.monotonic() < self._behind_until
+
+    def counters(self) -> dict[str, int]:
+        """Returns: chunks that reached a playing listener late (``tts_engine_late_chunks``)."""
+        return {"late_chunks": self._late_chunks}
+
+    def _fell_behind(self, late: float) -> None:
+        """Count a late chunk and hold :attr:`falling_behind` (see the module docstring)."""
+        self._late_chunks += 1
+        hold = self.config.resolved_overload_hold()
+        if hold <= 0:
+            return
+        if not self.falling_behind:
+            logger.warning(
+                f"{self}: falling behind: a chunk reached its listener {late:.2f} s after the "
+                f"audio ran out; new streams get busy for {hold:g} s"
+            )
+        self._behind_until = time.monotonic() + hold
+
     # ---- voices ----------------------------------------------------------------------
 
     def _reference(self, conds: VoiceConditionals) -> Reference:
@@ -828,9 +911,9 @@ class ChatterboxEngine(Engine):
                     spans = timer.take(samples / SAMPLE_RATE, end)
                     samples += len(audio)
                 if len(audio):
-                    if playback.started is None:
-                        playback.started = loop.time()
-                    playback.emitted += len(audio) / SAMPLE_RATE
+                    late = playback.emit(len(audio) / SAMPLE_RATE, loop.time(), asked_at)
+                    if late > LATE_TOLERANCE_S:
+                        self._fell_behind(late)
                 if timer is not None and (len(audio) or spans):
                     yield AlignedAudio(audio, spans)
                 elif len(audio):
