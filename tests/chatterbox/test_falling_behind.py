@@ -46,6 +46,14 @@ def test_only_a_wait_that_began_after_the_text_came_is_the_engines():
     assert playback.emit(0.5, now=15.4, asked_at=14.9) == pytest.approx(0.25)  # due at 15.15
 
 
+def test_a_consumer_that_holds_the_engine_is_not_the_engines_lateness():
+    playback = _Playback()
+    playback.emit(1.0, now=0.0, asked_at=0.0)
+    playback.held(5.0)  # the context's audio queue was full: the client is far behind
+    assert playback.emit(1.0, now=5.5, asked_at=0.0) == 0
+    assert playback.dry_at(0.0) == pytest.approx(7.0)
+
+
 def test_hold_setting_reaches_the_engine(tmp_path):
     env = {"TTS_ENGINE": "chatterbox", "TTS_DEVICE": "cpu", "TTS_MODEL_DIR": str(tmp_path)}
     cfg = create_engine(SidecarConfig.from_env(env)).config

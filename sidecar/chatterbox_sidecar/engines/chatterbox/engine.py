@@ -15,10 +15,10 @@ serves the earliest deadline first; first chunks take a lane of their own.
 Falling behind: a chunk that reaches a playing listener more than ``LATE_TOLERANCE_S`` after
 it ran dry, with the piece's text there before that (and ``PIECE_ALLOWANCE_S`` for a piece's
 first chunk), is the engine's own lateness (T3 or S3Gen could not keep up; text that came late
-from the client does not count). After one, the engine
-reports :attr:`falling_behind` for ``overload_hold_seconds`` and the server takes no new stream
-(``busy``), so that a GPU past what it can keep gap-free stops adding calls that would make
-every call stutter, whatever the calibrated capacity said.
+from the client does not count, nor time a client that is behind held the engine at a yield).
+After one, the engine reports :attr:`falling_behind` for ``overload_hold_seconds`` and the
+server takes no new stream (``busy``), so that a GPU past what it can keep gap-free stops
+adding calls that would make every call stutter, whatever the calibrated capacity said.
 
 S3Gen (and the voice conditioning) run in worker threads, never on the event loop. Closing the
 audio iterator aborts the T3 request; at most the chunk being decoded is finished first.
@@ -278,6 +278,16 @@ class _Playback:
     def dry_at(self, asked_at: float) -> float:
         """Loop time at which the listener runs out of audio (``asked_at`` before any)."""
         return asked_at if self.started is None else self.started + self.emitted
+
+    def held(self, seconds: float) -> None:
+        """Move the deadlines on by time the consumer held the engine at a yield.
+
+        Args:
+            seconds: How long (long only when the context's audio queue was full: the client
+                is behind, not the engine).
+        """
+        if self.started is not None:
+            self.started += seconds
 
     def emit(self, seconds: float, now: float, asked_at: float) -> float:
         """Account for a chunk yielded at ``now``.
@@ -914,10 +924,12 @@ class ChatterboxEngine(Engine):
                     late = playback.emit(len(audio) / SAMPLE_RATE, loop.time(), asked_at)
                     if late > LATE_TOLERANCE_S:
                         self._fell_behind(late)
+                yielded = loop.time()
                 if timer is not None and (len(audio) or spans):
                     yield AlignedAudio(audio, spans)
                 elif len(audio):
                     yield audio
+                playback.held(loop.time() - yielded)
         finally:
             if not task.done():
                 task.cancel()
