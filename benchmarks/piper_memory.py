@@ -3,9 +3,11 @@
 
 Loads the bundled voice the way a piper worker does (``piper_worker.load_voice``), speaks a short
 warm-up sentence, then a 200-letter spelled-out run ("A B C ... "; one 62-68 s piece when uncut)
-and prints the process's resident memory before and after, for four settings: the worker's
-(phonemes cut into pieces of at most ``MAX_PHONEMES``, onnxruntime's memory arena off), arena on,
-no cut, and both as before issue 18 (arena on, no cut). Each setting runs in its own process.
+and prints the process's resident memory before and after, for five settings: the worker's
+(phonemes cut into pieces of at most ``MAX_PHONEMES``, onnxruntime's memory arena off, the freed
+heap given back after the job as ``piper_worker.serve`` does), the same without giving it back,
+arena on, no cut, and both as before issue 18 (arena on, no cut). Each setting runs in its own
+process.
 
     python benchmarks/piper_memory.py --json benchmarks/results/cpu_piper_memory_2026-11-30.json
 """
@@ -20,10 +22,11 @@ import sys
 from pathlib import Path
 
 SETTINGS = {
-    "worker (cut, no arena)": {"arena": False, "cut": True},
-    "arena on, cut": {"arena": True, "cut": True},
-    "no arena, no cut": {"arena": False, "cut": False},
-    "before (arena on, no cut)": {"arena": True, "cut": False},
+    "worker (cut, no arena, trim)": {"arena": False, "cut": True, "trim": True},
+    "cut, no arena, no trim": {"arena": False, "cut": True, "trim": False},
+    "arena on, cut": {"arena": True, "cut": True, "trim": False},
+    "no arena, no cut": {"arena": False, "cut": False, "trim": False},
+    "before (arena on, no cut)": {"arena": True, "cut": False, "trim": False},
 }
 
 _CHILD = r"""
@@ -50,6 +53,8 @@ for _ in pw.synthesize(voice, "Hello there, how are you today?"):
     pass
 warm = rss_mib()
 samples = sum(len(a) for a in pw.synthesize(voice, " ".join(chr(65 + i % 26) for i in range(200))))
+if setting["trim"]:
+    pw._return_freed_memory()
 print(json.dumps({"audio_s": samples / 22050, "warm_mib": warm, "after_mib": rss_mib()}))
 """
 
@@ -59,7 +64,7 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     rows = {}
-    print(f"{'setting':<28} {'audio s':>8} {'warm MiB':>9} {'after MiB':>10} {'growth':>7}")
+    print(f"{'setting':<30} {'audio s':>8} {'warm MiB':>9} {'after MiB':>10} {'growth':>7}")
     for name, setting in SETTINGS.items():
         out = (
             subprocess.run(
@@ -75,7 +80,7 @@ def main() -> None:
         row["growth_mib"] = row["after_mib"] - row["warm_mib"]
         rows[name] = row
         print(
-            f"{name:<28} {row['audio_s']:>8.1f} {row['warm_mib']:>9.0f} {row['after_mib']:>10.0f}"
+            f"{name:<30} {row['audio_s']:>8.1f} {row['warm_mib']:>9.0f} {row['after_mib']:>10.0f}"
             f" {row['growth_mib']:>+7.0f}"
         )
     if args.json:
