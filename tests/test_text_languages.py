@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from chatterbox_sidecar.engines.chatterbox.model_files import speech_token_budget
+from chatterbox_sidecar.engines.chatterbox.models import MULTILINGUAL_LANGUAGES
 from chatterbox_sidecar.text import (
     NUMBER_LANGUAGES,
     TextSegmenter,
@@ -12,6 +13,8 @@ from chatterbox_sidecar.text import (
     split_text,
     spoken_length,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 @pytest.mark.parametrize(
@@ -108,3 +111,27 @@ def test_cjk_characters_take_longer_to_say():
     assert spoken_length("你好") == 6 and spoken_length("かな") == 4 and spoken_length("한국") == 4
     assert speech_token_budget("你好世界" * 5) > speech_token_budget("abcd" * 5)
     assert speech_token_budget("hello world") == speech_token_budget("HELLO WORLD")
+
+
+LANGUAGES = sorted(MULTILINGUAL_LANGUAGES)
+# Text a client might send: words of several scripts, numbers in every grouping, signs.
+_PIECES = st.sampled_from(
+    ["Hola", "你好", "こんにちは", "नमस्ते", "مرحبا", "Γειά", "Привет", "שלום", "안녕", "ok"]
+    + ["1", "-3", "3.497,25", "1 234", "3,497.25", "007", "1234567890123456789", "١٢٣", "１２"]
+    + [" ", ". ", "? ", "。", "！", "؟ ", ";", "«", "»", "\u202f", "$", "%", "\n"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    language=st.sampled_from(LANGUAGES),
+    pieces=st.lists(_PIECES | st.text(max_size=8), max_size=40),
+    cut=st.integers(0, 200),
+)
+def test_any_text_in_any_language_is_split_and_normalised(language, pieces, cut):
+    text = "".join(pieces)
+    normalize_text(text, language=language)
+    segmenter = TextSegmenter(max_chars=120, language=language)
+    segments = segmenter.push(text[:cut]) + segmenter.push(text[cut:]) + segmenter.flush()
+    assert all(len(s) <= 120 for s in segments), segments
+    assert all(s.strip() for s in segments), segments

@@ -21,8 +21,11 @@ from chatterbox_sidecar.engines.chatterbox.multilingual.text import (
     hangul_to_jamo,
     mtl_punc_norm,
 )
+from chatterbox_sidecar.engines.chatterbox.t3.model import START_TEXT_TOKEN, STOP_TEXT_TOKEN
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from .mtl_checkpoint import TOKENIZER_FILE, write_mtl_tokenizer_files
+from .mtl_checkpoint import TEXT_VOCAB, TOKENIZER_FILE, write_mtl_tokenizer_files
 
 UNK = 1
 
@@ -216,3 +219,27 @@ def test_respelled_languages_get_no_word_timestamps():
     assert info.times_words("es") and info.times_words("en")
     assert not info.times_words("zh") and not info.times_words("ko")
     assert not EngineInfo("piper", 22050, False, 1).times_words("en")
+
+
+@pytest.fixture(scope="module")
+def kana_tokenizer(folder: Path) -> MultilingualTokenizer:
+    pytest.importorskip("pykakasi")
+    return MultilingualTokenizer(folder, chinese_segmenter=None)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    language=st.sampled_from(sorted(MULTILINGUAL_LANGUAGES)),
+    text=st.text(st.characters(codec="utf-8"), max_size=120),
+)
+def test_any_text_in_any_language_gives_framed_ids_inside_the_vocabulary(
+    kana_tokenizer, language, text
+):
+    # Whatever a client sends in whatever language (NUL and lone surrogates are refused by the
+    # protocol before this), the preparation neither raises nor leaves the text vocabulary.
+    ids = kana_tokenizer.encode(text, language)
+    assert ids[0] == START_TEXT_TOKEN and ids[-1] == STOP_TEXT_TOKEN
+    assert ids[1] == kana_tokenizer.language_id(language)
+    assert all(0 <= i < TEXT_VOCAB for i in ids), ids
