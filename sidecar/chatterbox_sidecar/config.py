@@ -35,6 +35,8 @@ class SidecarConfig:
         model: The Chatterbox model the ``chatterbox`` engine serves (``TTS_MODEL``):
             ``chatterbox`` (Original, English), ``chatterbox-turbo`` or
             ``chatterbox-multilingual``. One sidecar serves one model.
+        multilingual_weights: Multilingual's T3 weights, ``v2`` (default) or ``v3``
+            (``TTS_MULTILINGUAL_WEIGHTS``; only with ``TTS_MODEL=chatterbox-multilingual``).
         voices_dir: Registered voices (``TTS_VOICES_DIR``).
         log_dir: Log folder for ``tts.log`` (``TTS_LOG_DIR``).
         log_level: Loguru level (``TTS_LOG_LEVEL``).
@@ -87,6 +89,7 @@ class SidecarConfig:
     max_connections: int = 50
     engine: str = "auto"
     model: str = "chatterbox"
+    multilingual_weights: str = "v2"
     voices_dir: Path = field(default_factory=lambda: Path("voices"))
     log_dir: Path = field(default_factory=lambda: Path("logs"))
     log_level: str = "INFO"
@@ -139,6 +142,7 @@ class SidecarConfig:
             max_connections=r.int("TTS_MAX_CONNECTIONS", 50, 1, 100_000),
             engine=r.choice("TTS_ENGINE", "auto", ENGINES),
             model=r.choice("TTS_MODEL", MODELS[0], MODELS),
+            multilingual_weights=r.choice("TTS_MULTILINGUAL_WEIGHTS", "v2", ("v2", "v3")),
             voices_dir=r.path("TTS_VOICES_DIR", Path("voices")),
             log_dir=r.path("TTS_LOG_DIR", Path("logs")),
             log_level=r.choice("TTS_LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
@@ -180,6 +184,11 @@ class SidecarConfig:
         if config.engine == "piper" and config.model != MODELS[0]:
             raise ConfigError(
                 f"TTS_MODEL={config.model} needs TTS_ENGINE=chatterbox (or auto), not piper"
+            )
+        if r.str("TTS_MULTILINGUAL_WEIGHTS", "") and config.model != "chatterbox-multilingual":
+            raise ConfigError(
+                "TTS_MULTILINGUAL_WEIGHTS chooses the weights of TTS_MODEL=chatterbox-multilingual;"
+                f" this sidecar serves {config.model}"
             )
         if config.model_dir is not None and not config.model_dir.is_dir():
             raise ConfigError(f"TTS_MODEL_DIR: no such folder: {config.model_dir}")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from chatterbox_sidecar.engines.chatterbox.multilingual.backend import MultilingualT3Backend
 from chatterbox_sidecar.engines.chatterbox.t3.backend import T3Request
+from safetensors.torch import save_file
 
 from .mtl_checkpoint import T3_FILE, TEXT_VOCAB, write_mtl_tokenizer_files
 from .t3_checkpoint import scripted_t3_state
@@ -20,8 +21,6 @@ SCRIPT = [101, 202, 303, 404]
 
 @pytest.fixture(scope="module")
 def mtl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from safetensors.torch import save_file
-
     folder = write_mtl_tokenizer_files(tmp_path_factory.mktemp("mtl-t3"))
     state = scripted_t3_state([*SCRIPT, 6562], text_vocab=TEXT_VOCAB, hidden=128)
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / T3_FILE))
@@ -71,3 +70,50 @@ async def test_a_language_the_tokenizer_lacks_fails_only_its_request(mtl_dir):
         assert [t async for delta in backend.generate(good) for t in delta] == SCRIPT
     finally:
         await backend.close()
+
+
+async def test_v3_weights_are_chosen_by_setting_and_loaded_from_their_own_file(mtl_dir, tmp_path):
+    from chatterbox_sidecar.config import ConfigError, SidecarConfig
+    from chatterbox_sidecar.engines import create_engine
+    from chatterbox_sidecar.engines.chatterbox.model_files import (
+        ModelFilesError,
+        resolve_model_dir,
+    )
+    from chatterbox_sidecar.engines.chatterbox.models import MULTILINGUAL_WEIGHTS
+
+    # A v3 folder: the v3 T3 file (other weights than v2's: another script) and no v2 file.
+    folder = write_mtl_tokenizer_files(tmp_path / "v3")
+    for name in ("s3gen.safetensors", "ve.safetensors", "conds.pt"):
+        (folder / name).write_bytes(b"only named here")
+    v3_script = [505, 606, 707]
+    state = scripted_t3_state([*v3_script, 6562], text_vocab=TEXT_VOCAB, hidden=128)
+    save_file(
+        {k: v.contiguous() for k, v in state.items()}, str(folder / MULTILINGUAL_WEIGHTS["v3"][0])
+    )
+    env = {
+        "TTS_ENGINE": "chatterbox",
+        "TTS_DEVICE": "cpu",
+        "TTS_MODEL": "chatterbox-multilingual",
+        "TTS_MODEL_DIR": str(folder),
+    }
+    v2 = create_engine(SidecarConfig.from_env(env)).config.spec
+    assert v2.t3_file == "t3_mtl23ls_v2.safetensors"  # the default, as upstream's
+    with pytest.raises(ModelFilesError, match="lacks t3_mtl23ls_v2.safetensors"):
+        resolve_model_dir(folder, files=v2.files)
+    v3 = create_engine(SidecarConfig.from_env({**env, "TTS_MULTILINGUAL_WEIGHTS": "v3"})).config
+    spec = v3.spec
+    assert (spec.t3_file, spec.revision) == MULTILINGUAL_WEIGHTS["v3"]
+    assert spec.languages == v2.languages and spec.conds_file == v2.conds_file
+    assert resolve_model_dir(folder, files=spec.files) == folder
+    backend = MultilingualT3Backend(folder, t3_file=spec.t3_file, max_batch_size=1, max_seq_len=256)
+    await backend.start()
+    try:
+        request = T3Request("v3", "Hola", make_conds(0), max_new_tokens=20, language="es")
+        assert [t async for delta in backend.generate(request) for t in delta] == v3_script
+    finally:
+        await backend.close()
+
+    with pytest.raises(ConfigError, match="TTS_MULTILINGUAL_WEIGHTS must be one of v2, v3"):
+        SidecarConfig.from_env({**env, "TTS_MULTILINGUAL_WEIGHTS": "v4"})
+    with pytest.raises(ConfigError, match="TTS_MODEL=chatterbox-multilingual"):
+        SidecarConfig.from_env({**env, "TTS_MODEL": "chatterbox", "TTS_MULTILINGUAL_WEIGHTS": "v3"})

@@ -65,6 +65,7 @@ def create_engine(config: SidecarConfig) -> Engine:
         device = "cuda" if _cuda_available() else "cpu"
     engine_config = ChatterboxEngineConfig(
         model=config.model,
+        multilingual_weights=config.multilingual_weights,
         model_dir=config.model_dir,
         t3_model_dir=config.t3_model_dir,
         t3_backend=config.t3_backend,

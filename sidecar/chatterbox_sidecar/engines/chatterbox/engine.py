@@ -68,6 +68,7 @@ from chatterbox_sidecar.engines.chatterbox.models import (
     TURBO,
     ModelSpec,
     model_spec,
+    with_multilingual_weights,
 )
 from chatterbox_sidecar.engines.chatterbox.s3gen.stream import (
     LOOKAHEAD_TOKENS,
@@ -117,6 +118,8 @@ class ChatterboxEngineConfig:
     Parameters:
         model: The Chatterbox model served (``TTS_MODEL``; see ``models``): ``chatterbox``,
             ``chatterbox-turbo`` or ``chatterbox-multilingual``.
+        multilingual_weights: Multilingual's T3 weights, ``v2`` or ``v3``
+            (``TTS_MULTILINGUAL_WEIGHTS``; see ``models.MULTILINGUAL_WEIGHTS``).
         model_dir: Folder with the model's files (``TTS_MODEL_DIR``); None downloads them once
             from the Hugging Face Hub (see ``model_files.resolve_model_dir``).
         t3_model_dir: The vLLM model folder (``TTS_T3_MODEL_DIR``); None for
@@ -172,6 +175,7 @@ class ChatterboxEngineConfig:
     """
 
     model: str = "chatterbox"
+    multilingual_weights: str = "v2"
     model_dir: Path | None = None
     t3_model_dir: Path | None = None
     t3_backend: Literal["auto", "vllm", "torch"] = "auto"
@@ -211,8 +215,11 @@ class ChatterboxEngineConfig:
 
     @property
     def spec(self) -> ModelSpec:
-        """Returns: the served model's spec."""
-        return model_spec(self.model)
+        """Returns: the served model's spec (Multilingual's with its chosen T3 weights)."""
+        spec = model_spec(self.model)
+        if spec.name == MULTILINGUAL.name:
+            return with_multilingual_weights(spec, self.multilingual_weights)
+        return spec
 
     def resolved_flow_steps(self) -> int:
         """Returns: S3Gen's flow steps (the model's default when unset)."""
@@ -430,7 +437,8 @@ class ChatterboxEngine(Engine):
         except Exception as e:
             raise EngineError(f"chatterbox engine failed to start: {e}") from e
         logger.info(
-            f"{self}: {spec.name} ready on {cfg.device} (T3 {type(self._t3).__name__}, hops "
+            f"{self}: {spec.name} ready on {cfg.device} (T3 {type(self._t3).__name__} "
+            f"{spec.t3_file}, hops "
             f"{'/'.join(map(str, self._stream_config.hops()))} tokens, "
             f"context {cfg.context_window}, "
             f"{cfg.resolved_flow_steps()} flow steps, "

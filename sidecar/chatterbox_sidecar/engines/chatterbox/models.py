@@ -15,7 +15,10 @@ upstream (resemble-ai/chatterbox ``tts.py``, ``tts_turbo.py``, ``mtl_tts.py``):
   ``multilingual.text``); the Original's S3Gen, voice encoder and voice conditionals. Upstream's
   current ``mtl_tts.py`` uses repetition penalty 1.2 (2.0 before resemble-ai/chatterbox#516) and
   drops the last speech token's audio (emitted just before the stop token, it decodes to ~40 ms
-  of noise).
+  of noise). Two sets of T3 weights, as upstream's ``t3_model`` argument: ``v2`` (the default,
+  ``t3_mtl23ls_v2.safetensors``) and ``v3`` (``t3_mtl23ls_v3.safetensors``, "reduced
+  hallucination"; same architecture, everything else shared), see
+  :func:`with_multilingual_weights`.
 """
 
 from __future__ import annotations
@@ -177,6 +180,30 @@ MULTILINGUAL = dataclasses.replace(
 )
 
 MODELS = {spec.name: spec for spec in (ORIGINAL, TURBO, MULTILINGUAL)}
+
+#: The multilingual T3 weights (``TTS_MULTILINGUAL_WEIGHTS``): file, and the commit to download
+#: it from. v3's commit is the one public deployments of v3 pin (upstream's own loader fetches
+#: ``main``); not checked from here, where the hub cannot be reached.
+MULTILINGUAL_WEIGHTS = {
+    "v2": ("t3_mtl23ls_v2.safetensors", MULTILINGUAL.revision),
+    "v3": ("t3_mtl23ls_v3.safetensors", "5bb1f6ee58e50c3b8d408bc82a6d3740c2db6e18"),
+}
+
+
+def with_multilingual_weights(spec: ModelSpec, weights: str) -> ModelSpec:
+    """The multilingual spec with the T3 weights ``weights`` (``v2`` or ``v3``).
+
+    Raises:
+        ValueError: For another model, or unknown weights.
+    """
+    if weights not in MULTILINGUAL_WEIGHTS:
+        raise ValueError(
+            f"unknown multilingual weights {weights!r} (one of {', '.join(MULTILINGUAL_WEIGHTS)})"
+        )
+    if spec.t3_file not in {file for file, _ in MULTILINGUAL_WEIGHTS.values()}:
+        raise ValueError(f"{spec.name} has no multilingual weights to choose")
+    t3_file, revision = MULTILINGUAL_WEIGHTS[weights]
+    return dataclasses.replace(spec, t3_file=t3_file, revision=revision)
 
 
 def model_spec(name: str) -> ModelSpec:
