@@ -109,20 +109,34 @@ class App:
             raise ProtocolError(
                 "busy", "the server is shutting down; open a new connection", context_id
             )
-        if self.active_streams >= self.capacity:
+        load = self._load_limit()
+        if load == "at_capacity":
             raise ProtocolError(
                 "busy",
                 f"server at capacity: {self.capacity} streams in progress (TTS_MAX_STREAMS); "
                 "try another server or retry shortly",
                 context_id,
             )
-        if self.engine.falling_behind:
+        if load == "falling_behind":
             raise ProtocolError(
                 "busy",
                 "server falling behind: a stream's audio came late in the last few seconds "
                 "(TTS_OVERLOAD_HOLD_SECONDS); try another server or retry shortly",
                 context_id,
             )
+
+    def _load_limit(self) -> str | None:
+        """The check behind both :meth:`check_admission` and :attr:`status`.
+
+        Returns:
+            Why the load turns new streams away now: ``at_capacity`` or ``falling_behind``;
+            None when it does not.
+        """
+        if self.active_streams >= self.capacity:
+            return "at_capacity"
+        if self.engine.falling_behind:
+            return "falling_behind"
+        return None
 
     @contextmanager
     def http_stream(self) -> Iterator[None]:
@@ -234,11 +248,7 @@ class App:
             return "draining"
         if self.engine_failures >= ENGINE_FAILURES_UNHEALTHY or not self.engine.healthy:
             return "degraded"
-        if self.active_streams >= self.capacity:
-            return "at_capacity"
-        if self.engine.falling_behind:
-            return "falling_behind"
-        return "ready"
+        return self._load_limit() or "ready"
 
     def health(self) -> dict:
         """Returns: the health document served at ``/health`` (no error text: it is open)."""
