@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 from dataclasses import dataclass, field
 
 import numpy as np
+import soundfile as sf
 from websockets.asyncio.client import ClientConnection, connect
 
 DTYPES = {"pcm_f32le": "<f4", "pcm_s16le": "<i2", "pcm_mulaw": "u1"}
@@ -113,6 +116,26 @@ class TTSClient:
             item = await self.recv()
             if isinstance(item, dict) and item["type"] in types:
                 return item
+
+    async def register_voice(self, voice_id: str, wav: bytes | tuple[np.ndarray, int]) -> dict:
+        """Register a voice; returns the reply, ``voice_registered`` or ``error``.
+
+        Args:
+            voice_id: The voice's id.
+            wav: The reference as file bytes, or as ``(samples, rate)`` sent as a WAV file.
+        """
+        if isinstance(wav, tuple):
+            buf = io.BytesIO()
+            sf.write(buf, wav[0], wav[1], format="WAV")
+            wav = buf.getvalue()
+        return await self.request(
+            {
+                "type": "register_voice",
+                "voice_id": voice_id,
+                "reference_audio": base64.b64encode(wav).decode(),
+            },
+            ("voice_registered", "error"),
+        )
 
     async def synthesize(self, text: str, **fields) -> ContextResult:
         """Synthesize one whole text and collect its context.

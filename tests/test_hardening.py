@@ -7,7 +7,6 @@ such bytes) and asserts the fixed behaviour.
 from __future__ import annotations
 
 import asyncio
-import base64
 import http.client
 import io
 import json
@@ -216,14 +215,7 @@ async def test_http_synthesis_counts_against_capacity(sidecar_factory):
 async def test_ids_with_a_trailing_newline_are_rejected(sidecar):
     async with await TTSClient.connect(sidecar.url) as client:
         for voice_id in ("default\n", "bob\n"):
-            reply = await client.request(
-                {
-                    "type": "register_voice",
-                    "voice_id": voice_id,
-                    "reference_audio": base64.b64encode(_wav(4)).decode(),
-                },
-                ("voice_registered", "error"),
-            )
+            reply = await client.register_voice(voice_id, _wav(4))
             assert reply["type"] == "error" and reply["code"] == "invalid_request"
         reply = await client.request(
             {"type": "synthesize", "text": "Hi.", "context_id": "a\n"}, "error"
@@ -270,14 +262,7 @@ async def test_duplicate_authorization_is_400(sidecar_factory):
 
 async def test_error_messages_and_health_hold_no_internals(sidecar):
     async with await TTSClient.connect(sidecar.url) as client:
-        reply = await client.request(
-            {
-                "type": "register_voice",
-                "voice_id": "junk",
-                "reference_audio": base64.b64encode(b"RIFF not a wav at all").decode(),
-            },
-            ("voice_registered", "error"),
-        )
+        reply = await client.register_voice("junk", b"RIFF not a wav at all")
         assert reply["code"] == "invalid_audio"
         assert "0x" not in reply["message"] and "object at" not in reply["message"]
     _, health = sidecar.get_json("/health")
@@ -286,26 +271,22 @@ async def test_error_messages_and_health_hold_no_internals(sidecar):
 
 async def test_voice_quota_and_reserved_names(sidecar_factory):
     sidecar = sidecar_factory(TTS_MAX_VOICES="2")
-    wav = base64.b64encode(_wav(4)).decode()
-
-    async def register(client, voice_id):
-        return await client.request(
-            {"type": "register_voice", "voice_id": voice_id, "reference_audio": wav},
-            ("voice_registered", "error"),
-        )
+    wav = _wav(4)
 
     async with await TTSClient.connect(sidecar.url) as client:
         for voice_id in ("DEFAULT", "Default", "NUL", "con", "com1", "LPT9"):
-            reply = await register(client, voice_id)
+            reply = await client.register_voice(voice_id, wav)
             assert reply["type"] == "error" and reply["code"] == "invalid_request", voice_id
             assert "reserved" in reply["message"]
-        assert (await register(client, "bob"))["type"] == "voice_registered"
-        reply = await register(client, "Bob")
+        assert (await client.register_voice("bob", wav))["type"] == "voice_registered"
+        reply = await client.register_voice("Bob", wav)
         assert reply["code"] == "invalid_request" and "case" in reply["message"]
-        assert (await register(client, "alice"))["type"] == "voice_registered"
-        reply = await register(client, "carol")
+        assert (await client.register_voice("alice", wav))["type"] == "voice_registered"
+        reply = await client.register_voice("carol", wav)
         assert reply["code"] == "quota_exceeded"
-        assert (await register(client, "bob"))["type"] == "voice_registered"  # replacing is fine
+        assert (await client.register_voice("bob", wav))[
+            "type"
+        ] == "voice_registered"  # replacing is fine
     assert sorted(p.name for p in sidecar.voices_dir.iterdir() if not p.name.startswith(".")) == [
         "alice",
         "bob",
@@ -323,14 +304,7 @@ async def test_voice_quota_and_reserved_names(sidecar_factory):
 )
 async def test_unusable_reference_audio_is_refused(sidecar, wav):
     async with await TTSClient.connect(sidecar.url) as client:
-        reply = await client.request(
-            {
-                "type": "register_voice",
-                "voice_id": "odd",
-                "reference_audio": base64.b64encode(wav).decode(),
-            },
-            ("voice_registered", "error"),
-        )
+        reply = await client.register_voice("odd", wav)
         assert reply["type"] == "error" and reply["code"] == "invalid_audio", reply
 
 

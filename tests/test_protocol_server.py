@@ -326,14 +326,7 @@ async def test_voice_registration_is_stored_listed_and_survives_restart(sidecar_
     sidecar = sidecar_factory()
     wav = _wav(4.0, rate=44100, channels=2)
     async with await TTSClient.connect(sidecar.url) as client:
-        reply = await client.request(
-            {
-                "type": "register_voice",
-                "voice_id": "alice",
-                "reference_audio": base64.b64encode(wav).decode(),
-            },
-            ("voice_registered", "error"),
-        )
+        reply = await client.register_voice("alice", wav)
         assert reply["type"] == "voice_registered", reply
         assert reply["voice"]["duration_s"] == pytest.approx(4.0, abs=0.01)
         for seconds, code in ((1.0, "invalid_audio"), (31.0, "invalid_audio")):

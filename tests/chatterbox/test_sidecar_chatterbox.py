@@ -3,12 +3,9 @@ S3Gen code on random checkpoints in the real layout, loaded through the users' l
 
 from __future__ import annotations
 
-import base64
-import io
 from pathlib import Path
 
 import pytest
-import soundfile as sf
 import torch
 from chatterbox_sidecar.engines.chatterbox.model_files import speech_token_budget
 from chatterbox_sidecar.engines.chatterbox.s3gen.stream import SAMPLES_PER_TOKEN
@@ -137,17 +134,8 @@ async def test_protocol_end_to_end_on_the_chatterbox_engine(sidecar_factory, mod
 
 async def test_cancel_and_cloned_voice_survive_restart(sidecar_factory, model_dir, tmp_path):
     sidecar = sidecar_factory(**chatterbox_env(model_dir))
-    buf = io.BytesIO()
-    sf.write(buf, voice_like(5.0, 22050, seed=4), 22050, format="WAV")
     async with await TTSClient.connect(sidecar.url) as client:
-        reply = await client.request(
-            {
-                "type": "register_voice",
-                "voice_id": "carol",
-                "reference_audio": base64.b64encode(buf.getvalue()).decode(),
-            },
-            ("voice_registered", "error"),
-        )
+        reply = await client.register_voice("carol", (voice_like(5.0, 22050, seed=4), 22050))
         assert reply["type"] == "voice_registered", reply
         conds = sidecar.voices_dir / "carol" / "conds.pt"
         assert conds.exists()

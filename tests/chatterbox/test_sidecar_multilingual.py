@@ -4,7 +4,6 @@ Original's S3Gen (random), loaded through the users' path."""
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import urllib.parse
@@ -119,17 +118,8 @@ async def test_multilingual_speaks_each_language_it_is_asked_for(sidecar_factory
 
 async def test_a_voice_shares_the_originals_conditionals(sidecar_factory, model_dir):
     sidecar = sidecar_factory(**multilingual_env(model_dir))
-    buf = io.BytesIO()
-    sf.write(buf, voice_like(6.0, 22050, seed=6), 22050, format="WAV")
     async with await TTSClient.connect(sidecar.url) as client:
-        reply = await client.request(
-            {
-                "type": "register_voice",
-                "voice_id": "lena",
-                "reference_audio": base64.b64encode(buf.getvalue()).decode(),
-            },
-            ("voice_registered", "error"),
-        )
+        reply = await client.register_voice("lena", (voice_like(6.0, 22050, seed=6), 22050))
         assert reply["type"] == "voice_registered", reply
         # conditioned as the Original is (6 s, 150 tokens): the same file serves both models
         assert (sidecar.voices_dir / "lena" / "conds.pt").exists()

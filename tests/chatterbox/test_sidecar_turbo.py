@@ -3,12 +3,9 @@ checkpoint in the real layout) and meanflow S3Gen (random), loaded through the u
 
 from __future__ import annotations
 
-import base64
-import io
 from pathlib import Path
 
 import pytest
-import soundfile as sf
 import torch
 from chatterbox_sidecar.engines.chatterbox.model_files import speech_token_budget
 from chatterbox_sidecar.engines.chatterbox.models import TURBO_TAGS
@@ -95,17 +92,8 @@ async def test_turbo_speaks_through_the_websocket(sidecar_factory, model_dir):
 
 async def test_turbo_voice_registration_keeps_its_own_conditionals(sidecar_factory, model_dir):
     sidecar = sidecar_factory(**turbo_env(model_dir))
-    buf = io.BytesIO()
-    sf.write(buf, voice_like(6.0, 22050, seed=5), 22050, format="WAV")
     async with await TTSClient.connect(sidecar.url) as client:
-        reply = await client.request(
-            {
-                "type": "register_voice",
-                "voice_id": "dora",
-                "reference_audio": base64.b64encode(buf.getvalue()).decode(),
-            },
-            ("voice_registered", "error"),
-        )
+        reply = await client.register_voice("dora", (voice_like(6.0, 22050, seed=5), 22050))
         assert reply["type"] == "voice_registered", reply
         # Turbo's T3 prompt comes from up to 15 s of reference: a file of its own, so a voice
         # registered under one model never feeds another model the wrong prompt length
