@@ -47,20 +47,28 @@ def write_mtl_tokenizer_files(folder: Path) -> Path:
     return folder
 
 
-def write_mtl_model_dir(
-    model_dir: str | Path, s3gen_model_dir: Path, script: Sequence[int] | None, **t3_options
+def write_mtl_t3(
+    folder: Path, script: Sequence[int] | None, t3_file: str = T3_FILE, **t3_options
 ) -> Path:
-    """A whole multilingual folder: a scripted T3 (see ``t3_checkpoint.scripted_t3_state``;
-    without ``script``, a random one, full size unless ``t3_options`` narrow it) with the
-    2454-entry text vocabulary, the tokenizer files, and the S3Gen, voice-encoder and conds
-    files of ``s3gen_model_dir`` (linked)."""
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("s3gen.safetensors", "ve.safetensors", "conds.pt"):
-        (model_dir / name).symlink_to(s3gen_model_dir / name)
+    """Write a multilingual T3 (2454-entry text vocabulary) as ``folder / t3_file``: scripted
+    (see ``t3_checkpoint.scripted_t3_state``), or without ``script`` random, full size unless
+    ``t3_options`` narrow it. Returns the file."""
     if script is None:
         state = random_t3_state(text_vocab=TEXT_VOCAB, **t3_options)
     else:
         state = scripted_t3_state(script, text_vocab=TEXT_VOCAB, **t3_options)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(model_dir / T3_FILE))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / t3_file))
+    return folder / t3_file
+
+
+def write_mtl_model_dir(
+    model_dir: str | Path, s3gen_model_dir: Path, script: Sequence[int] | None, **t3_options
+) -> Path:
+    """A whole multilingual folder: the T3 of :func:`write_mtl_t3`, the tokenizer files, and
+    the S3Gen, voice-encoder and conds files of ``s3gen_model_dir`` (linked)."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("s3gen.safetensors", "ve.safetensors", "conds.pt"):
+        (model_dir / name).symlink_to(s3gen_model_dir / name)
+    write_mtl_t3(model_dir, script, **t3_options)
     return write_mtl_tokenizer_files(model_dir)

@@ -8,10 +8,8 @@ from pathlib import Path
 import pytest
 from chatterbox_sidecar.engines.chatterbox.multilingual.backend import MultilingualT3Backend
 from chatterbox_sidecar.engines.chatterbox.t3.backend import T3Request
-from safetensors.torch import save_file
 
-from .mtl_checkpoint import T3_FILE, TEXT_VOCAB, write_mtl_tokenizer_files
-from .t3_checkpoint import scripted_t3_state
+from .mtl_checkpoint import TEXT_VOCAB, write_mtl_t3, write_mtl_tokenizer_files
 from .test_t3_torch import make_conds
 
 pytestmark = pytest.mark.torch
@@ -22,8 +20,7 @@ SCRIPT = [101, 202, 303, 404]
 @pytest.fixture(scope="module")
 def mtl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = write_mtl_tokenizer_files(tmp_path_factory.mktemp("mtl-t3"))
-    state = scripted_t3_state([*SCRIPT, 6562], text_vocab=TEXT_VOCAB, hidden=128)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / T3_FILE))
+    write_mtl_t3(folder, [*SCRIPT, 6562], hidden=128)
     return folder
 
 
@@ -86,10 +83,7 @@ async def test_v3_weights_are_chosen_by_setting_and_loaded_from_their_own_file(m
     for name in ("s3gen.safetensors", "ve.safetensors", "conds.pt"):
         (folder / name).write_bytes(b"only named here")
     v3_script = [505, 606, 707]
-    state = scripted_t3_state([*v3_script, 6562], text_vocab=TEXT_VOCAB, hidden=128)
-    save_file(
-        {k: v.contiguous() for k, v in state.items()}, str(folder / MULTILINGUAL_WEIGHTS["v3"][0])
-    )
+    write_mtl_t3(folder, [*v3_script, 6562], MULTILINGUAL_WEIGHTS["v3"][0], hidden=128)
     env = {
         "TTS_ENGINE": "chatterbox",
         "TTS_DEVICE": "cpu",
